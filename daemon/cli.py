@@ -1,1 +1,341 @@
-def main(): print("wip")
+"""The `ctxfs` command line.
+
+Every failure a user can cause ends in one line on stderr and a non-zero
+exit, with the store unchanged; a traceback means a bug in ctxfs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TextIO
+
+from daemon import security
+from daemon.paths import HomePaths, resolve_home
+from sync.codec import DecodeError, atom_to_json, context_from_json, expanded_to_json
+from sync.expand import ExpanderFunctor, stream_expansion
+from sync.model import CompressedContext, ExpandedContext, is_id, parse_type
+from sync.query import ContextQuery
+from sync.store import SQLiteContextStore, StoreError
+
+# Largest push input read: far beyond any real context, small enough that a
+# wrong file (a disk image piped in by mistake) is refused before parsing.
+MAX_PUSH_BYTES = 256 * 1024 * 1024
+# Shortest id prefix accepted where an id is asked for (git's minimum too).
+MIN_ID_PREFIX = 4
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def _open_store(home: HomePaths) -> SQLiteContextStore:
+    if not home.is_initialised():
+        raise CliError(f"no ctxfs node at {home.root}; run `ctxfs init` first")
+    return SQLiteContextStore(home.store)
+
+
+def resolve_id(store: SQLiteContextStore, text: str) -> str:
+    """A full id, or a unique prefix of at least MIN_ID_PREFIX hex digits."""
+    text = text.strip().lower()
+    if is_id(text):
+        if not store.has(text):
+            raise CliError(f"no context {text} in the store")
+        return text
+    if len(text) < MIN_ID_PREFIX or len(text) > 64 or not all(c in "0123456789abcdef" for c in text):
+        raise CliError(f"not a context id: {text!r} (64 hex characters, or a unique prefix of at least {MIN_ID_PREFIX})")
+    start = text + "0" * (64 - len(text))
+    matches = []
+    for cid in store.ids(start):
+        if not cid.startswith(text) or len(matches) == 2:
+            break
+        matches.append(cid)
+    if not matches:
+        raise CliError(f"no context with id prefix {text}")
+    if len(matches) > 1:
+        raise CliError(f"id prefix {text} is ambiguous; give more digits")
+    return matches[0]
+
+
+# --------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
+    wanted = None
+    if args.cluster_key_file:
+        wanted = security.read_cluster_key(Path(args.cluster_key_file))
+    if home.cluster_key.exists():
+        held = security.read_cluster_key(home.cluster_key)
+        if wanted is not None and wanted != held:
+            raise CliError(
+                f"{home.root} already belongs to another cluster; "
+                "use a new --home to join this one (the existing key was left as it is)"
+            )
+    home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not home.cluster_key.exists():
+        security.write_cluster_key(home.cluster_key, wanted or security.new_cluster_key())
+    if home.node_key.exists():
+        key = security.read_node_key(home.node_key)
+    else:
+        key = security.new_node_key(home.node_key)
+    SQLiteContextStore(home.store).close()
+    print(security.node_id(key), file=out)
+    return 0
+
+
+def cmd_cluster_key(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
+    if not home.cluster_key.exists():
+        raise CliError(f"no ctxfs node at {home.root}; run `ctxfs init` first")
+    print(security.format_cluster_key(security.read_cluster_key(home.cluster_key)), file=out)
+    return 0
+
+
+def _read_input(source: str) -> str:
+    try:
+        if source == "-":
+            data = sys.stdin.buffer.read(MAX_PUSH_BYTES + 1)
+        else:
+            with open(source, "rb") as f:
+                data = f.read(MAX_PUSH_BYTES + 1)
+    except OSError as exc:
+        raise CliError(f"cannot read {source}: {exc.strerror}") from None
+    if len(data) > MAX_PUSH_BYTES:
+        raise CliError(f"input is larger than {MAX_PUSH_BYTES // (1024 * 1024)} MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"input is not UTF-8 (byte {exc.start})") from None
+
+
+def parse_contexts(text: str) -> list[CompressedContext]:
+    """One JSON object, or JSON Lines with one context object per line."""
+    try:
+        documents = [(None, json.loads(text))]
+    except json.JSONDecodeError as exc:
+        if exc.msg != "Extra data":
+            raise CliError(f"input is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        documents = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                documents.append((number, json.loads(line)))
+            except json.JSONDecodeError as line_exc:
+                raise CliError(f"line {number}: not JSON: {line_exc.msg} at column {line_exc.colno}") from None
+    if not documents:
+        raise CliError("input holds no context")
+    contexts = []
+    for number, doc in documents:
+        try:
+            contexts.append(context_from_json(doc))
+        except DecodeError as exc:
+            raise CliError(f"line {number}: {exc}" if number else str(exc)) from None
+    return contexts
+
+
+def cmd_push(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
+    store = _open_store(home)
+    try:
+        contexts = parse_contexts(_read_input(args.file))
+        for cid in store.put_many(contexts):
+            print(cid, file=out)
+    finally:
+        store.close()
+    return 0
+
+
+def _filtered(expanded: ExpandedContext, min_relevance: float, max_tokens: int | None) -> ExpandedContext:
+    """The expansion cut by relevance and token budget, summaries recomputed."""
+    atoms = []
+    spent = 0
+    for atom in expanded.atoms:
+        if atom.relevance_score < min_relevance:
+            continue
+        if max_tokens is not None and spent + atom.tokens > max_tokens:
+            break
+        spent += atom.tokens
+        atoms.append(atom)
+    summary: dict[str, int] = {}
+    for atom in atoms:
+        summary[str(atom.type_sig)] = summary.get(str(atom.type_sig), 0) + 1
+    return ExpandedContext(atoms, expanded.molecules, expanded.expansion_path, spent, summary)
+
+
+def cmd_expand(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
+    store = _open_store(home)
+    try:
+        cid = resolve_id(store, args.id)
+        if args.stream:
+            chunks = stream_expansion(
+                store,
+                cid,
+                relevance_threshold=args.min_relevance,
+                chunk_size=args.chunk_size,
+                max_tokens_per_chunk=args.max_tokens or 500,
+            )
+            for chunk in chunks:
+                if args.json:
+                    print(json.dumps(chunk.to_dict(), ensure_ascii=False), file=out, flush=True)
+                else:
+                    for atom in chunk.atoms:
+                        print(f"[{atom.type_sig}] {atom.content}", file=out)
+                    out.flush()
+            return 0
+        expanded = _filtered(ExpanderFunctor(store).expand(cid), args.min_relevance, args.max_tokens)
+        if args.json:
+            print(json.dumps(expanded_to_json(cid, expanded), ensure_ascii=False), file=out)
+        else:
+            text = expanded.to_prompt_context()
+            if text:
+                print(text, file=out)
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_query(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
+    try:
+        type_filter = parse_type(args.type) if args.type else None
+    except ValueError as exc:
+        raise CliError(f"--type: {exc}") from None
+    query = ContextQuery(
+        type_filter=type_filter, min_relevance=args.min_relevance, max_age_seconds=args.max_age, limit=args.limit
+    )
+    store = _open_store(home)
+    try:
+        cid = resolve_id(store, args.id)
+        hits = query.execute(ExpanderFunctor(store).expand(cid), datetime.now(timezone.utc))
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([{"hash": a.content_hash, **atom_to_json(a)} for a in hits], ensure_ascii=False), file=out)
+    else:
+        for atom in hits:
+            print(f"{atom.relevance_score:.2f} [{atom.type_sig}] {atom.content}", file=out)
+    return 0
+
+
+def cmd_log(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
+    store = _open_store(home)
+    try:
+        for cid in store.get_lineage(resolve_id(store, args.id)):
+            print(cid, file=out)
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_heads(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
+    store = _open_store(home)
+    try:
+        for cid in store.heads():
+            print(cid, file=out)
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
+    store = _open_store(home)
+    try:
+        problems = 0
+        for problem in store.fsck():
+            problems += 1
+            print(problem, file=out)
+        count = len(store)
+    finally:
+        store.close()
+    if problems:
+        print(f"fsck: {problems} problem(s) in {count} objects", file=sys.stderr)
+        return 1
+    print(f"fsck: {count} objects, all sound", file=out)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# argument parsing
+# --------------------------------------------------------------------------
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctxfs", description="Peer-to-peer sync daemon for AI context.")
+    parser.add_argument("--home", metavar="DIR", help="the node's directory (default: $CTXFS_HOME, else the user data dir)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("init", cmd_init, "create the node's home, store and identity; print the node id")
+    p.add_argument("--cluster-key-file", metavar="F", help="join the cluster whose key is in F")
+    add("cluster-key", cmd_cluster_key, "print this node's cluster key")
+    p = add("push", cmd_push, "store contexts given as interchange JSON (an object, or JSON Lines); print their ids")
+    p.add_argument("file", nargs="?", default="-", metavar="FILE", help="input file, or - for stdin (default)")
+    p = add("expand", cmd_expand, "print the expansion of a context")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true", help="one JSON object (with --stream: one JSON line per chunk)")
+    p.add_argument("--stream", action="store_true", help="stream chunks, most relevant first")
+    p.add_argument("--min-relevance", type=_non_negative_float, default=0.0, metavar="X")
+    p.add_argument("--chunk-size", type=_positive_int, default=10, metavar="N", help="atoms per chunk (--stream)")
+    p.add_argument("--max-tokens", type=_positive_int, metavar="N",
+                   help="token budget of the output; with --stream, per chunk (default 500)")
+    p = add("query", cmd_query, "run a ContextQuery over the expansion of a context")
+    p.add_argument("id")
+    p.add_argument("--type", metavar="T", help="keep atoms whose type unifies with T, e.g. String or List[Int]")
+    p.add_argument("--min-relevance", type=_non_negative_float, default=0.0, metavar="X")
+    p.add_argument("--max-age", type=_non_negative_float, metavar="SECONDS")
+    p.add_argument("--limit", type=_positive_int, metavar="N")
+    p.add_argument("--json", action="store_true")
+    p = add("log", cmd_log, "print the lineage of a context, root first")
+    p.add_argument("id")
+    add("heads", cmd_heads, "print the ids no other context names as base")
+    add("fsck", cmd_fsck, "re-hash every object and check every lineage")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    args = build_parser().parse_args(argv)
+    home = HomePaths(resolve_home(args.home))
+    try:
+        return args.func(args, home, out)
+    except (CliError, DecodeError, StoreError, security.KeyFileError) as exc:
+        print(f"ctxfs: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        print(f"ctxfs: store {home.store}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `ctxfs expand ID | head`: the reader left; that is not an error.
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+

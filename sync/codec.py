@@ -1,0 +1,457 @@
+"""Canonical binary encoding, content ids, and the interchange JSON.
+
+Canonical encoding (specified in docs/protocol.md, "Canonical encoding"):
+MessagePack with positional arrays for model objects, maps only for the
+free-form metadata (keys sorted by their UTF-8 bytes), integers in their
+shortest form, every float as float64, ids as 32-byte `bin`, timestamps as
+integer microseconds since the Unix epoch (UTC). Positional arrays leave no
+key-order question and cost no field names; the leading format number makes
+a later change of layout explicit.
+
+    type     = [name, kind, [type...], [constraint...]]        constraints sorted, unique
+    atom     = [content, type, timestamp_us, source_hash, relevance]
+    molecule = [[atom...], {relation: [[i, j]...]}, type, metadata]
+    context  = [1, base_id | nil, [atom...], [molecule...], [removed_id...], metadata]
+
+    atom id    = SHA-256(msgpack(["atom", content, type]))
+    context id = SHA-256(canonical context bytes)
+
+Decoding is bounded (sizes, counts, nesting) and strict: bytes that do not
+re-encode to themselves are rejected, so one context has exactly one
+encoding and one id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import cattrs
+import msgpack
+
+from sync.model import (
+    CompressedContext,
+    ExpandedContext,
+    Kind,
+    MemoryAtom,
+    MemoryMolecule,
+    TypeSignature,
+    check_id,
+    is_id,
+)
+
+FORMAT_VERSION = 1
+
+# Metadata is free-form JSON; deeper nesting than this is not a real use.
+MAX_METADATA_DEPTH = 32
+# One encoded context may not exceed this; larger deltas should be split.
+# 64 MiB keeps a decode's working set well below the machine's memory even
+# with Python's per-object overhead (~10x the encoded size in the worst case).
+MAX_CONTEXT_BYTES = 64 * 1024 * 1024
+# msgpack's C decoder bounds nesting itself; this is its limit in practice.
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+class DecodeError(ValueError):
+    """Bytes or JSON that are not a valid context; the message says where."""
+
+
+# --------------------------------------------------------------------------
+# Python objects -> canonical msgpack-ready structures
+# --------------------------------------------------------------------------
+
+
+def canonical_value(value: Any, path: str = "metadata", depth: int = 0) -> Any:
+    """Check a JSON-like value and return it with maps in canonical key order."""
+    if depth > MAX_METADATA_DEPTH:
+        raise ValueError(f"{path}: nested deeper than {MAX_METADATA_DEPTH} levels")
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise ValueError(f"{path}: integer {value} does not fit in 64 bits")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{path}: {value} is not a finite number")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [canonical_value(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        for key in value:
+            if not isinstance(key, str):
+                raise ValueError(f"{path}: keys must be strings, got {key!r:.40}")
+        # Python orders str by code point, which is the UTF-8 byte order.
+        return {k: canonical_value(value[k], f"{path}.{k}", depth + 1) for k in sorted(value)}
+    raise ValueError(f"{path}: {type(value).__name__} is not a JSON value")
+
+
+def _type_raw(sig: TypeSignature) -> list:
+    return [sig.name, sig.kind.value, [_type_raw(p) for p in sig.parameters], list(sig.constraints)]
+
+
+def timestamp_us(value: datetime) -> int:
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def _atom_raw(atom: MemoryAtom) -> list:
+    return [
+        atom.content,
+        _type_raw(atom.type_sig),
+        timestamp_us(atom.timestamp),
+        atom.source_hash,
+        atom.relevance_score,
+    ]
+
+
+def _molecule_raw(molecule: MemoryMolecule) -> list:
+    return [
+        [_atom_raw(a) for a in molecule.atoms],
+        {name: [list(p) for p in pairs] for name, pairs in molecule.relations.items()},
+        _type_raw(molecule.molecule_type),
+        canonical_value(molecule.metadata, "molecule metadata"),
+    ]
+
+
+def _context_raw(ctx: CompressedContext) -> list:
+    return [
+        FORMAT_VERSION,
+        None if ctx.base_hash is None else bytes.fromhex(ctx.base_hash),
+        [_atom_raw(a) for a in ctx.delta_atoms],
+        [_molecule_raw(m) for m in ctx.delta_molecules],
+        sorted(bytes.fromhex(h) for h in ctx.removed_hashes),
+        canonical_value(ctx.compression_metadata, "compression_metadata"),
+    ]
+
+
+def _pack(raw: Any) -> bytes:
+    return msgpack.packb(raw, use_bin_type=True)
+
+
+def encode_context(ctx: CompressedContext) -> bytes:
+    """The canonical bytes of a context: what is stored, sent and hashed."""
+    return _pack(_context_raw(ctx))
+
+
+def context_id(ctx: CompressedContext) -> str:
+    return hashlib.sha256(encode_context(ctx)).hexdigest()
+
+
+def raw_atom_id(content: str, type_raw: list | tuple) -> bytes:
+    """An atom's id (32 bytes) from its content and raw canonical type."""
+    return hashlib.sha256(_pack(["atom", content, type_raw])).digest()
+
+
+def atom_id(atom: MemoryAtom) -> str:
+    return raw_atom_id(atom.content, _type_raw(atom.type_sig)).hex()
+
+
+def bytes_id(data: bytes) -> str:
+    """The id of already-encoded canonical context bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------
+# canonical msgpack structures -> Python objects (strict, bounded)
+# --------------------------------------------------------------------------
+
+
+def _expect(cond: bool, path: str, what: str) -> None:
+    if not cond:
+        raise DecodeError(f"{path}: expected {what}")
+
+
+def _list(value: Any, path: str, length: int | None = None) -> list:
+    _expect(isinstance(value, (list, tuple)), path, "an array")
+    if length is not None:
+        _expect(len(value) == length, path, f"an array of {length} items")
+    return value
+
+
+def _type_from_raw(raw: Any, path: str) -> TypeSignature:
+    name, kind, params, constraints = _list(raw, path, 4)
+    _expect(isinstance(name, str), f"{path}.name", "a string")
+    _expect(kind in Kind.__members__, f"{path}.kind", f"one of {', '.join(Kind.__members__)}")
+    params = [_type_from_raw(p, f"{path}.parameters[{i}]") for i, p in enumerate(_list(params, path))]
+    return TypeSignature(name, Kind(kind), tuple(params), tuple(_list(constraints, path)))
+
+
+def atom_from_raw(raw: Any, path: str = "atom") -> MemoryAtom:
+    content, type_sig, ts, source, relevance = _list(raw, path, 5)
+    _expect(type(ts) is int, f"{path}.timestamp", "an integer")
+    _expect(type(relevance) is float, f"{path}.relevance", "a float")
+    return MemoryAtom(content, _type_from_raw(type_sig, f"{path}.type"), _EPOCH + ts * _MICROSECOND, source, relevance)
+
+
+def _molecule_from_raw(raw: Any, path: str) -> MemoryMolecule:
+    atoms, relations, mtype, metadata = _list(raw, path, 4)
+    _expect(isinstance(relations, dict), f"{path}.relations", "a map")
+    _expect(isinstance(metadata, dict), f"{path}.metadata", "a map")
+    return MemoryMolecule(
+        tuple(atom_from_raw(a, f"{path}.atoms[{i}]") for i, a in enumerate(_list(atoms, path))),
+        relations,
+        _type_from_raw(mtype, f"{path}.type"),
+        metadata,
+    )
+
+
+def _context_from_raw(raw: Any) -> CompressedContext:
+    version, base, atoms, molecules, removed, metadata = _list(raw, "context", 6)
+    _expect(version == FORMAT_VERSION and type(version) is int, "context.format", f"format {FORMAT_VERSION}")
+    _expect(base is None or (isinstance(base, bytes) and len(base) == 32), "context.base", "nil or a 32-byte id")
+    _expect(isinstance(metadata, dict), "context.metadata", "a map")
+    removed = _list(removed, "context.removed")
+    for h in removed:
+        _expect(isinstance(h, bytes) and len(h) == 32, "context.removed", "32-byte ids")
+    return CompressedContext(
+        None if base is None else base.hex(),
+        tuple(atom_from_raw(a, f"delta_atoms[{i}]") for i, a in enumerate(_list(atoms, "context.atoms"))),
+        tuple(_molecule_from_raw(m, f"delta_molecules[{i}]") for i, m in enumerate(_list(molecules, "context.molecules"))),
+        frozenset(h.hex() for h in removed),
+        metadata,
+    )
+
+
+def unpack_bounded(data: bytes, max_bytes: int) -> Any:
+    """msgpack-decode with every size bounded by the input (and `max_bytes`)."""
+    if len(data) > max_bytes:
+        raise DecodeError(f"encoded object is {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        # msgpack derives its per-container limits from the buffer size and
+        # its C decoder refuses nesting beyond a fixed stack depth.
+        return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True, max_ext_len=0)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise DecodeError(f"not valid MessagePack: {exc}") from None
+
+
+def decode_context(data: bytes, *, verify: bool = True) -> CompressedContext:
+    """Canonical bytes -> context. With `verify`, non-canonical bytes are refused.
+
+    Pass verify=False only for bytes this process wrote itself (the store);
+    anything from outside must be verified, or two encodings of one context
+    could live under two ids.
+    """
+    raw = unpack_bounded(data, MAX_CONTEXT_BYTES)
+    try:
+        ctx = _context_from_raw(raw)
+        canonical = not verify or encode_context(ctx) == data
+    except DecodeError:
+        raise
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise DecodeError(f"invalid context: {exc}") from None
+    if not canonical:
+        raise DecodeError("bytes are not in canonical form")
+    return ctx
+
+
+# --------------------------------------------------------------------------
+# The interchange JSON: the seed's serialize_compressed shape
+# --------------------------------------------------------------------------
+
+
+def type_to_json(sig: TypeSignature) -> dict:
+    return {
+        "name": sig.name,
+        "kind": sig.kind.value,
+        "parameters": [type_to_json(p) for p in sig.parameters],
+        "constraints": list(sig.constraints),
+    }
+
+
+def atom_to_json(atom: MemoryAtom) -> dict:
+    return {
+        "content": atom.content,
+        "type_sig": type_to_json(atom.type_sig),
+        "timestamp": atom.timestamp.isoformat(),
+        "source_hash": atom.source_hash,
+        "relevance_score": atom.relevance_score,
+    }
+
+
+def molecule_to_json(molecule: MemoryMolecule) -> dict:
+    return {
+        "atoms": [atom_to_json(a) for a in molecule.atoms],
+        "relations": {k: [list(p) for p in v] for k, v in molecule.relations.items()},
+        "molecule_type": type_to_json(molecule.molecule_type),
+        "metadata": molecule.metadata,
+    }
+
+
+def context_to_json(ctx: CompressedContext) -> dict:
+    return {
+        "base_hash": ctx.base_hash,
+        "delta_atoms": [atom_to_json(a) for a in ctx.delta_atoms],
+        "delta_molecules": [molecule_to_json(m) for m in ctx.delta_molecules],
+        "removed_hashes": sorted(ctx.removed_hashes),
+        "compression_metadata": ctx.compression_metadata,
+    }
+
+
+class _Json:
+    """Reads one JSON object field by field, naming the path in every error."""
+
+    def __init__(self, value: Any, path: str) -> None:
+        if not isinstance(value, dict):
+            raise DecodeError(f"{path or 'context'}: expected an object, got {_kind(value)}")
+        self.value = value
+        self.path = path
+
+    def get(self, key: str, kinds: type | tuple[type, ...], what: str, default: Any = ...) -> Any:
+        path = f"{self.path}.{key}" if self.path else key
+        if key not in self.value:
+            if default is ...:
+                raise DecodeError(f"{path}: missing")
+            return default
+        value = self.value[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in _as_tuple(kinds)):
+            raise DecodeError(f"{path}: expected {what}, got {_kind(value)}")
+        return value
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+
+def _as_tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r:.40}"
+    if isinstance(value, str):
+        return f"the string {value!r:.40}"
+    return {list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def type_from_json(value: Any, path: str) -> TypeSignature:
+    obj = _Json(value, path)
+    kind = obj.get("kind", str, "a kind name")
+    if kind not in Kind.__members__:
+        raise DecodeError(f"{obj.at('kind')}: expected one of {', '.join(Kind.__members__)}, got {kind!r:.40}")
+    params = obj.get("parameters", list, "an array", [])
+    constraints = obj.get("constraints", list, "an array", [])
+    for i, c in enumerate(constraints):
+        if not isinstance(c, str):
+            raise DecodeError(f"{obj.at('constraints')}[{i}]: expected a string, got {_kind(c)}")
+    try:
+        return TypeSignature(
+            obj.get("name", str, "a string"),
+            Kind(kind),
+            tuple(type_from_json(p, f"{obj.at('parameters')}[{i}]") for i, p in enumerate(params)),
+            tuple(constraints),
+        )
+    except (ValueError, TypeError) as exc:
+        raise DecodeError(f"{path}: {exc}") from None
+
+
+def atom_from_json(value: Any, path: str) -> MemoryAtom:
+    obj = _Json(value, path)
+    stamp = obj.get("timestamp", str, "an ISO-8601 timestamp")
+    try:
+        when = datetime.fromisoformat(stamp)
+    except ValueError:
+        raise DecodeError(f"{obj.at('timestamp')}: expected an ISO-8601 timestamp, got {stamp!r:.40}") from None
+    try:
+        return MemoryAtom(
+            obj.get("content", str, "a string"),
+            type_from_json(obj.get("type_sig", dict, "a type object"), obj.at("type_sig")),
+            when,
+            obj.get("source_hash", str, "a string"),
+            obj.get("relevance_score", (int, float), "a number", 1.0),
+        )
+    except (ValueError, TypeError) as exc:
+        raise DecodeError(f"{path}: {exc}") from None
+
+
+def molecule_from_json(value: Any, path: str) -> MemoryMolecule:
+    obj = _Json(value, path)
+    atoms = obj.get("atoms", list, "an array", [])
+    metadata = obj.get("metadata", dict, "an object", {})
+    try:
+        return MemoryMolecule(
+            tuple(atom_from_json(a, f"{obj.at('atoms')}[{i}]") for i, a in enumerate(atoms)),
+            obj.get("relations", dict, "an object", {}),
+            type_from_json(obj.get("molecule_type", dict, "a type object"), obj.at("molecule_type")),
+            canonical_value(metadata, obj.at("metadata")),
+        )
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, DecodeError):
+            raise
+        raise DecodeError(f"{path}: {exc}") from None
+
+
+def context_from_json(value: Any) -> CompressedContext:
+    """The interchange JSON object -> context, or DecodeError naming the bad field."""
+    obj = _Json(value, "")
+    base = obj.get("base_hash", (str, type(None)), "null or a context id", None)
+    if base is not None and not is_id(base):
+        raise DecodeError(f"base_hash: expected 64 lowercase hex characters, got {base!r:.80}")
+    removed = obj.get("removed_hashes", list, "an array", [])
+    for i, h in enumerate(removed):
+        if not is_id(h):
+            raise DecodeError(f"removed_hashes[{i}]: expected 64 lowercase hex characters, got {h!r:.80}")
+    atoms = obj.get("delta_atoms", list, "an array", [])
+    molecules = obj.get("delta_molecules", list, "an array", [])
+    metadata = obj.get("compression_metadata", dict, "an object", {})
+    unknown = set(value) - {"base_hash", "delta_atoms", "delta_molecules", "removed_hashes", "compression_metadata"}
+    if unknown:
+        raise DecodeError(f"unknown field {sorted(unknown)[0]!r}")
+    try:
+        metadata = canonical_value(metadata, "compression_metadata")
+    except ValueError as exc:
+        raise DecodeError(str(exc)) from None
+    return CompressedContext(
+        base,
+        tuple(atom_from_json(a, f"delta_atoms[{i}]") for i, a in enumerate(atoms)),
+        tuple(molecule_from_json(m, f"delta_molecules[{i}]") for i, m in enumerate(molecules)),
+        frozenset(removed),
+        metadata,
+    )
+
+
+def expanded_to_json(context_id: str, expanded: ExpandedContext, atom_root: str | None = None) -> dict:
+    """The `ctxfs expand --json` object (design.md)."""
+    out = {
+        "id": check_id(context_id),
+        "atoms": [
+            {
+                "hash": a.content_hash,
+                "content": a.content,
+                "type": str(a.type_sig),
+                "relevance": a.relevance_score,
+                "timestamp": a.timestamp.isoformat(),
+                "source_hash": a.source_hash,
+            }
+            for a in expanded.atoms
+        ],
+        "molecules": [molecule_to_json(m) for m in expanded.molecules],
+        "expansion_path": list(expanded.expansion_path),
+        "total_tokens": expanded.total_tokens_estimate,
+        "type_summary": dict(expanded.type_summary),
+    }
+    if atom_root is not None:
+        out["atom_root"] = atom_root
+    return out
+
+
+# The one converter for everything that crosses the wire. Model classes use
+# the hand-written canonical forms above (their bytes are hashed, so their
+# layout is spelled out rather than derived); protocol messages register
+# their own hooks on this converter in sync/messages.py.
+converter = cattrs.Converter()
+converter.register_unstructure_hook(CompressedContext, _context_raw)
+converter.register_structure_hook(CompressedContext, lambda raw, _: _context_from_raw(raw))
+converter.register_unstructure_hook(MemoryAtom, _atom_raw)
+converter.register_structure_hook(MemoryAtom, lambda raw, _: atom_from_raw(raw, "atom"))
+converter.register_unstructure_hook(TypeSignature, _type_raw)
+converter.register_structure_hook(TypeSignature, lambda raw, _: _type_from_raw(raw, "type"))

@@ -1,0 +1,274 @@
+"""Expansion: turning a chain of deltas into the full context an AI reads.
+
+Semantics (the seed's, with its flaws fixed): a root expands to its own
+atoms; a delta expands its base, removes `removed_hashes`, then adds
+`delta_atoms` (a later atom with the same id replaces the earlier one) and
+appends its molecules. Atoms come out most relevant first; ties keep lineage
+order (the live version added closer to the root first, then delta order).
+
+Expansion is iterative (no recursion, so a 100,000-deep chain is fine) and
+memoised: the expander keeps the state of recent expansions, so expanding a
+child of a context it has seen walks back only to that ancestor.
+
+The stream (`stream_expansion`) is lazy: it scans the lineage once in raw
+MessagePack form, keeps a heap of live atoms, and builds atom objects only
+for the chunk it is about to hand out.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+import attrs
+import msgpack
+
+from sync import codec
+from sync.model import CompressedContext, ExpandedContext, MemoryAtom, MemoryMolecule, estimate_tokens
+from sync.store import ContextStore, MissingBase, NotFound
+
+# Expansions kept for memoisation. Each holds one entry per live atom, so
+# eight 100k-atom expansions are a few hundred MB at worst; LRU beyond that.
+DEFAULT_CACHE_ENTRIES = 8
+
+
+@attrs.define
+class _State:
+    """A running expansion: live atoms by id with their (level, index) order."""
+
+    atoms: dict[str, tuple[int, int, MemoryAtom]]
+    molecules: list[MemoryMolecule]
+    path: list[str]
+
+    def copy(self) -> _State:
+        return _State(dict(self.atoms), list(self.molecules), list(self.path))
+
+    def apply(self, context_id: str, ctx: CompressedContext) -> None:
+        level = len(self.path)
+        for h in ctx.removed_hashes:
+            self.atoms.pop(h, None)
+        for index, atom in enumerate(ctx.delta_atoms):
+            self.atoms[atom.content_hash] = (level, index, atom)
+        self.molecules.extend(ctx.delta_molecules)
+        self.path.append(context_id)
+
+    def result(self) -> ExpandedContext:
+        ordered = sorted(self.atoms.values(), key=lambda e: (-e[2].relevance_score, e[0], e[1]))
+        atoms = tuple(e[2] for e in ordered)
+        return ExpandedContext(
+            atoms=atoms,
+            molecules=tuple(self.molecules),
+            expansion_path=tuple(self.path),
+            total_tokens_estimate=sum(a.tokens for a in atoms),
+            type_summary=Counter(str(a.type_sig) for a in atoms),
+        )
+
+
+class ExpanderFunctor:
+    """Expands contexts from a store, memoising recent expansions."""
+
+    def __init__(self, store: ContextStore, cache_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
+        self.store = store
+        self._cache: OrderedDict[str, _State] = OrderedDict()
+        self._cache_entries = cache_entries
+
+    def _state_of(self, context_id: str) -> _State:
+        cached = self._cache.get(context_id)
+        if cached is not None:
+            self._cache.move_to_end(context_id)
+            return cached
+        pending: list[tuple[str, CompressedContext]] = []
+        state = None
+        # The store holds no context without its base, so the walk ends at a
+        # root or at an ancestor this expander already knows.
+        for cid, ctx in self.store.walk_back(context_id):
+            cached = self._cache.get(cid)
+            if cached is not None:
+                state = cached.copy()
+                break
+            pending.append((cid, ctx))
+        if state is None:
+            state = _State({}, [], [])
+        for cid, ctx in reversed(pending):
+            state.apply(cid, ctx)
+        self._remember(context_id, state)
+        return state
+
+    def _remember(self, context_id: str, state: _State) -> None:
+        self._cache[context_id] = state
+        self._cache.move_to_end(context_id)
+        while len(self._cache) > self._cache_entries:
+            self._cache.popitem(last=False)
+
+    def expand(self, target: CompressedContext | str) -> ExpandedContext:
+        """Expand a stored context by id, or a context object over a stored base."""
+        if isinstance(target, str):
+            return self._state_of(target).result()
+        if target.base_hash is None:
+            state = _State({}, [], [])
+        else:
+            if not self.store.has(target.base_hash):
+                raise MissingBase(target.id, target.base_hash)
+            state = self._state_of(target.base_hash).copy()
+        state.apply(target.id, target)
+        return state.result()
+
+
+class IncrementalExpander:
+    """A running expansion that new deltas are applied to, one at a time."""
+
+    def __init__(self, store: ContextStore, start: str | None = None) -> None:
+        self.head = start
+        self._state = ExpanderFunctor(store, cache_entries=1)._state_of(start).copy() if start else _State({}, [], [])
+
+    def apply(self, ctx: CompressedContext) -> ExpandedContext:
+        if ctx.base_hash != self.head:
+            raise ValueError(f"delta is based on {ctx.base_hash}, but this expansion is at {self.head}")
+        self._state.apply(ctx.id, ctx)
+        self.head = ctx.id
+        return self.current
+
+    @property
+    def current(self) -> ExpandedContext:
+        return self._state.result()
+
+
+def compose(parent: CompressedContext, child: CompressedContext) -> CompressedContext:
+    """Squash `child` into its `parent`: one delta over the parent's base.
+
+    Expanding the result gives the same atoms and molecules as expanding the
+    chain parent -> child (the composition law).
+    """
+    if child.base_hash != parent.id:
+        raise ValueError(f"cannot compose: child is based on {child.base_hash}, not on {parent.id}")
+    kept = tuple(a for a in parent.delta_atoms if a.content_hash not in child.removed_hashes)
+    return CompressedContext(
+        parent.base_hash,
+        kept + child.delta_atoms,
+        parent.delta_molecules + child.delta_molecules,
+        parent.removed_hashes | child.removed_hashes,
+        {**parent.compression_metadata, **child.compression_metadata},
+    )
+
+
+# --------------------------------------------------------------------------
+# Lazy, relevance-ordered streaming
+# --------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class ExpansionChunk:
+    """One chunk of a streaming expansion (the seed's ExpansionChunk)."""
+
+    chunk_id: int
+    atoms: tuple[MemoryAtom, ...]
+    is_final: bool
+    cumulative_tokens: int
+    expansion_progress: float
+
+    def to_dict(self) -> dict:
+        return {
+            "chunk_id": self.chunk_id,
+            "atoms": [
+                {"content": a.content, "type": str(a.type_sig), "relevance": a.relevance_score, "hash": a.content_hash}
+                for a in self.atoms
+            ],
+            "is_final": self.is_final,
+            "cumulative_tokens": self.cumulative_tokens,
+            "progress": self.expansion_progress,
+        }
+
+
+def stream_expansion(
+    store: ContextStore,
+    target: CompressedContext | str,
+    *,
+    relevance_threshold: float = 0.0,
+    chunk_size: int = 10,
+    max_tokens_per_chunk: int = 500,
+) -> Iterator[ExpansionChunk]:
+    """Chunks of the expansion, most relevant atoms first, built lazily.
+
+    A chunk holds at most `chunk_size` atoms and at most
+    `max_tokens_per_chunk` tokens, except that an atom larger than the token
+    budget travels alone rather than being dropped. Exactly one chunk (the
+    last) has `is_final`; an empty expansion yields one empty final chunk.
+    """
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be at least 1")
+    if max_tokens_per_chunk < 1:
+        raise ValueError("max_tokens_per_chunk must be at least 1")
+    heap = _live_atoms(store, target, relevance_threshold)
+    total = len(heap)
+    heapq.heapify(heap)
+    chunk_id = cumulative = emitted = 0
+    while True:
+        atoms: list[MemoryAtom] = []
+        tokens = 0
+        while heap and len(atoms) < chunk_size:
+            cost = estimate_tokens(heap[0][3][0])
+            if atoms and tokens + cost > max_tokens_per_chunk:
+                break
+            atoms.append(codec.atom_from_raw(heapq.heappop(heap)[3]))
+            tokens += cost
+        emitted += len(atoms)
+        cumulative += tokens
+        yield ExpansionChunk(
+            chunk_id=chunk_id,
+            atoms=tuple(atoms),
+            is_final=not heap,
+            cumulative_tokens=cumulative,
+            expansion_progress=1.0 if total == 0 else emitted / total,
+        )
+        if not heap:
+            return
+        chunk_id += 1
+
+
+def _live_atoms(store: ContextStore, target: CompressedContext | str, threshold: float) -> list[tuple]:
+    """Heap entries (-relevance, -level_from_tip, index, raw_atom) of live atoms.
+
+    Walking from the tip toward the root, an atom is live unless a level
+    nearer the tip already re-added it (same content and type: what its id
+    hashes) or removed its id; within one delta the last occurrence wins.
+    Ids are computed only for atoms below a removal, never for the rest.
+    The heap key orders by relevance, then lineage order: an atom added
+    closer to the root (farther from the tip) first, then delta order.
+    """
+    shadowed: set[tuple] = set()
+    removed: set[bytes] = set()
+    entries: list[tuple] = []
+    for level, data in enumerate(_lineage_bytes(store, target)):
+        _version, _base, atoms, _molecules, level_removed, _metadata = msgpack.unpackb(data, use_list=False)
+        for index in range(len(atoms) - 1, -1, -1):
+            raw = atoms[index]
+            key = (raw[0], raw[1])
+            if key in shadowed:
+                continue
+            shadowed.add(key)
+            if removed and codec.raw_atom_id(raw[0], raw[1]) in removed:
+                continue
+            if raw[4] >= threshold:
+                entries.append((-raw[4], -level, index, raw))
+        removed.update(level_removed)
+    return entries
+
+
+def _lineage_bytes(store: ContextStore, target: CompressedContext | str) -> Iterator[bytes]:
+    """Canonical bytes of the target and each ancestor, tip first."""
+    if isinstance(target, CompressedContext):
+        yield codec.encode_context(target)
+        if target.base_hash is None:
+            return
+        if not store.has(target.base_hash):
+            raise MissingBase(target.id, target.base_hash)
+        target = target.base_hash
+    child = None
+    try:
+        for cid, data in store.walk_back_bytes(target):
+            child = cid
+            yield data
+    except NotFound as exc:
+        if child is None:
+            raise
+        raise MissingBase(child, exc.context_id) from None
