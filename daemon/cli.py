@@ -21,7 +21,7 @@ from sync.codec import DecodeError, atom_to_json, context_from_json, expanded_to
 from sync.expand import ExpanderFunctor, stream_expansion
 from sync.model import CompressedContext, ExpandedContext, is_id, parse_type
 from sync.query import ContextQuery
-from sync.store import SQLiteContextStore, StoreError
+from sync.store import MissingBase, SQLiteContextStore, StoreError
 
 # Largest push input read: far beyond any real context, small enough that a
 # wrong file (a disk image piped in by mistake) is refused before parsing.
@@ -78,6 +78,9 @@ def cmd_init(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
                 "use a new --home to join this one (the existing key was left as it is)"
             )
     home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # The home holds keys and the store: nobody else may read it, even if it
+    # existed before (mkdir's mode applies only to a directory it creates).
+    home.root.chmod(0o700)
     if not home.cluster_key.exists():
         security.write_cluster_key(home.cluster_key, wanted or security.new_cluster_key())
     if home.node_key.exists():
@@ -113,10 +116,17 @@ def _read_input(source: str) -> str:
         raise CliError(f"input is not UTF-8 (byte {exc.start})") from None
 
 
-def parse_contexts(text: str) -> list[CompressedContext]:
-    """One JSON object, or JSON Lines with one context object per line."""
+def parse_contexts(text: str) -> list[tuple[int | None, CompressedContext]]:
+    """One JSON object, or JSON Lines with one context object per line.
+
+    Returns (line number, context) pairs; the line is None for a single object.
+    """
+    if not text.strip():
+        raise CliError("input is empty")
     try:
         documents = [(None, json.loads(text))]
+    except RecursionError:
+        raise CliError("input nests too deeply") from None
     except json.JSONDecodeError as exc:
         if exc.msg != "Extra data":
             raise CliError(f"input is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
@@ -128,12 +138,14 @@ def parse_contexts(text: str) -> list[CompressedContext]:
                 documents.append((number, json.loads(line)))
             except json.JSONDecodeError as line_exc:
                 raise CliError(f"line {number}: not JSON: {line_exc.msg} at column {line_exc.colno}") from None
+            except RecursionError:
+                raise CliError(f"line {number}: nests too deeply") from None
     if not documents:
         raise CliError("input holds no context")
     contexts = []
     for number, doc in documents:
         try:
-            contexts.append(context_from_json(doc))
+            contexts.append((number, context_from_json(doc)))
         except DecodeError as exc:
             raise CliError(f"line {number}: {exc}" if number else str(exc)) from None
     return contexts
@@ -142,8 +154,13 @@ def parse_contexts(text: str) -> list[CompressedContext]:
 def cmd_push(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
     store = _open_store(home)
     try:
-        contexts = parse_contexts(_read_input(args.file))
-        for cid in store.put_many(contexts):
+        numbered = parse_contexts(_read_input(args.file))
+        try:
+            ids = store.put_many([ctx for _, ctx in numbered])
+        except MissingBase as exc:
+            line = next((n for n, ctx in numbered if ctx.id == exc.context_id), None)
+            raise CliError(f"line {line}: {exc}" if line else str(exc)) from None
+        for cid in ids:
             print(cid, file=out)
     finally:
         store.close()
@@ -201,7 +218,7 @@ def cmd_expand(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
 
 def cmd_query(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
     try:
-        type_filter = parse_type(args.type) if args.type else None
+        type_filter = parse_type(args.type) if args.type is not None else None
     except ValueError as exc:
         raise CliError(f"--type: {exc}") from None
     query = ContextQuery(
@@ -328,6 +345,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return args.func(args, home, out)
     except (CliError, DecodeError, StoreError, security.KeyFileError) as exc:
         print(f"ctxfs: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"ctxfs:{where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:
         print(f"ctxfs: store {home.store}: {exc}", file=sys.stderr)

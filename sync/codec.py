@@ -23,6 +23,7 @@ encoding and one id.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ import msgpack
 from sync.model import (
     CompressedContext,
     ExpandedContext,
+    MAX_TYPE_DEPTH,
     Kind,
     MemoryAtom,
     MemoryMolecule,
@@ -110,7 +112,7 @@ def _atom_raw(atom: MemoryAtom) -> list:
     ]
 
 
-def _molecule_raw(molecule: MemoryMolecule) -> list:
+def molecule_raw(molecule: MemoryMolecule) -> list:
     return [
         [_atom_raw(a) for a in molecule.atoms],
         {name: [list(p) for p in pairs] for name, pairs in molecule.relations.items()},
@@ -124,7 +126,7 @@ def _context_raw(ctx: CompressedContext) -> list:
         FORMAT_VERSION,
         None if ctx.base_hash is None else bytes.fromhex(ctx.base_hash),
         [_atom_raw(a) for a in ctx.delta_atoms],
-        [_molecule_raw(m) for m in ctx.delta_molecules],
+        [molecule_raw(m) for m in ctx.delta_molecules],
         sorted(bytes.fromhex(h) for h in ctx.removed_hashes),
         canonical_value(ctx.compression_metadata, "compression_metadata"),
     ]
@@ -182,14 +184,38 @@ def _type_from_raw(raw: Any, path: str) -> TypeSignature:
     return TypeSignature(name, Kind(kind), tuple(params), tuple(_list(constraints, path)))
 
 
+def _freeze(raw: Any) -> Any:
+    return tuple(_freeze(x) for x in raw) if isinstance(raw, (list, tuple)) else raw
+
+
+def thaw(raw: Any) -> Any:
+    """Decoded msgpack (arrays as tuples) -> JSON-like values (arrays as lists)."""
+    if isinstance(raw, (list, tuple)):
+        return [thaw(x) for x in raw]
+    if isinstance(raw, dict):
+        return {k: thaw(v) for k, v in raw.items()}
+    return raw
+
+
+@functools.lru_cache(maxsize=4096)
+def _interned_type(raw: tuple) -> TypeSignature:
+    # A store holds few distinct types and very many atoms: decode each once.
+    return _type_from_raw(raw, "type")
+
+
 def atom_from_raw(raw: Any, path: str = "atom") -> MemoryAtom:
     content, type_sig, ts, source, relevance = _list(raw, path, 5)
     _expect(type(ts) is int, f"{path}.timestamp", "an integer")
     _expect(type(relevance) is float, f"{path}.relevance", "a float")
-    return MemoryAtom(content, _type_from_raw(type_sig, f"{path}.type"), _EPOCH + ts * _MICROSECOND, source, relevance)
+    _expect(isinstance(type_sig, (list, tuple)), f"{path}.type", "an array")
+    try:
+        sig = _interned_type(type_sig if isinstance(type_sig, tuple) else _freeze(type_sig))
+    except TypeError:  # unhashable inside: not a valid type anyway
+        raise DecodeError(f"{path}.type: expected a type") from None
+    return MemoryAtom(content, sig, _EPOCH + ts * _MICROSECOND, source, relevance)
 
 
-def _molecule_from_raw(raw: Any, path: str) -> MemoryMolecule:
+def molecule_from_raw(raw: Any, path: str) -> MemoryMolecule:
     atoms, relations, mtype, metadata = _list(raw, path, 4)
     _expect(isinstance(relations, dict), f"{path}.relations", "a map")
     _expect(isinstance(metadata, dict), f"{path}.metadata", "a map")
@@ -197,7 +223,7 @@ def _molecule_from_raw(raw: Any, path: str) -> MemoryMolecule:
         tuple(atom_from_raw(a, f"{path}.atoms[{i}]") for i, a in enumerate(_list(atoms, path))),
         relations,
         _type_from_raw(mtype, f"{path}.type"),
-        metadata,
+        thaw(metadata),
     )
 
 
@@ -212,9 +238,9 @@ def _context_from_raw(raw: Any) -> CompressedContext:
     return CompressedContext(
         None if base is None else base.hex(),
         tuple(atom_from_raw(a, f"delta_atoms[{i}]") for i, a in enumerate(_list(atoms, "context.atoms"))),
-        tuple(_molecule_from_raw(m, f"delta_molecules[{i}]") for i, m in enumerate(_list(molecules, "context.molecules"))),
+        tuple(molecule_from_raw(m, f"delta_molecules[{i}]") for i, m in enumerate(_list(molecules, "context.molecules"))),
         frozenset(h.hex() for h in removed),
-        metadata,
+        thaw(metadata),
     )
 
 
@@ -225,7 +251,7 @@ def unpack_bounded(data: bytes, max_bytes: int) -> Any:
     try:
         # msgpack derives its per-container limits from the buffer size and
         # its C decoder refuses nesting beyond a fixed stack depth.
-        return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True, max_ext_len=0)
+        return msgpack.unpackb(data, raw=False, use_list=False, strict_map_key=True, max_ext_len=0)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise DecodeError(f"not valid MessagePack: {exc}") from None
 
@@ -333,7 +359,9 @@ def _kind(value: Any) -> str:
     return {list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def type_from_json(value: Any, path: str) -> TypeSignature:
+def type_from_json(value: Any, path: str, depth: int = 1) -> TypeSignature:
+    if depth > MAX_TYPE_DEPTH:
+        raise DecodeError(f"{path.split('.parameters')[0]}: type nested deeper than {MAX_TYPE_DEPTH} levels")
     obj = _Json(value, path)
     kind = obj.get("kind", str, "a kind name")
     if kind not in Kind.__members__:
@@ -347,9 +375,11 @@ def type_from_json(value: Any, path: str) -> TypeSignature:
         return TypeSignature(
             obj.get("name", str, "a string"),
             Kind(kind),
-            tuple(type_from_json(p, f"{obj.at('parameters')}[{i}]") for i, p in enumerate(params)),
+            tuple(type_from_json(p, f"{obj.at('parameters')}[{i}]", depth + 1) for i, p in enumerate(params)),
             tuple(constraints),
         )
+    except DecodeError:
+        raise
     except (ValueError, TypeError) as exc:
         raise DecodeError(f"{path}: {exc}") from None
 
@@ -369,7 +399,9 @@ def atom_from_json(value: Any, path: str) -> MemoryAtom:
             obj.get("source_hash", str, "a string"),
             obj.get("relevance_score", (int, float), "a number", 1.0),
         )
-    except (ValueError, TypeError) as exc:
+    except DecodeError:
+        raise
+    except (ValueError, TypeError, OverflowError) as exc:
         raise DecodeError(f"{path}: {exc}") from None
 
 
@@ -391,7 +423,27 @@ def molecule_from_json(value: Any, path: str) -> MemoryMolecule:
 
 
 def context_from_json(value: Any) -> CompressedContext:
-    """The interchange JSON object -> context, or DecodeError naming the bad field."""
+    """The interchange JSON object -> context, or DecodeError naming the bad field.
+
+    The context is also encoded once here, so that what cannot be stored
+    (a lone surrogate, an integer beyond 64 bits, an oversized context) is
+    refused now with a clear message rather than later by the store.
+    """
+    try:
+        ctx = _context_from_json(value)
+        size = len(encode_context(ctx))
+    except DecodeError:
+        raise
+    except UnicodeError:
+        raise DecodeError("text is not valid Unicode (a lone surrogate?)") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise DecodeError(str(exc)) from None
+    if size > MAX_CONTEXT_BYTES:
+        raise DecodeError(f"context encodes to {size} bytes; the limit is {MAX_CONTEXT_BYTES} (split it into a chain)")
+    return ctx
+
+
+def _context_from_json(value: Any) -> CompressedContext:
     obj = _Json(value, "")
     base = obj.get("base_hash", (str, type(None)), "null or a context id", None)
     if base is not None and not is_id(base):
@@ -446,12 +498,30 @@ def expanded_to_json(context_id: str, expanded: ExpandedContext, atom_root: str 
 
 # The one converter for everything that crosses the wire. Model classes use
 # the hand-written canonical forms above (their bytes are hashed, so their
-# layout is spelled out rather than derived); protocol messages register
-# their own hooks on this converter in sync/messages.py.
-converter = cattrs.Converter()
-converter.register_unstructure_hook(CompressedContext, _context_raw)
-converter.register_structure_hook(CompressedContext, lambda raw, _: _context_from_raw(raw))
-converter.register_unstructure_hook(MemoryAtom, _atom_raw)
-converter.register_structure_hook(MemoryAtom, lambda raw, _: atom_from_raw(raw, "atom"))
-converter.register_unstructure_hook(TypeSignature, _type_raw)
-converter.register_structure_hook(TypeSignature, lambda raw, _: _type_from_raw(raw, "type"))
+# layout is spelled out rather than derived); protocol messages
+# (sync/messages.py) are attrs classes it maps to and from field-name maps.
+# Structuring is strict: exact primitive types, no unknown keys.
+converter = cattrs.Converter(forbid_extra_keys=True)
+
+
+def _strict(kind: type, *also: type):
+    accepted = (kind, *also)
+
+    def structure(value: Any, _type: type) -> Any:
+        if type(value) not in accepted:
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+        return kind(value)
+
+    return structure
+
+
+for _kind, _also in ((int, ()), (str, ()), (bytes, ()), (bool, ()), (float, (int,))):
+    converter.register_structure_hook(_kind, _strict(_kind, *_also))
+for _cls, _unstructure, _structure in (
+    (CompressedContext, _context_raw, lambda raw, _: _context_from_raw(raw)),
+    (MemoryAtom, _atom_raw, lambda raw, _: atom_from_raw(raw, "atom")),
+    (MemoryMolecule, molecule_raw, lambda raw, _: molecule_from_raw(raw, "molecule")),
+    (TypeSignature, _type_raw, lambda raw, _: _type_from_raw(raw, "type")),
+):
+    converter.register_unstructure_hook(_cls, _unstructure)
+    converter.register_structure_hook(_cls, _structure)

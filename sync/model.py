@@ -102,6 +102,10 @@ class TypeSignature:
         return self.name.startswith("τ")
 
     def __str__(self) -> str:
+        return self.printed
+
+    @functools.cached_property
+    def printed(self) -> str:
         if not self.parameters:
             return self.name
         return f"{self.name}[{', '.join(map(str, self.parameters))}]"
@@ -199,15 +203,18 @@ def to_utc(value: datetime) -> datetime:
         raise TypeError(f"timestamp must be a datetime, got {type(value).__name__}")
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError(f"timestamp {value.isoformat()} is outside the years 1 to 9999 in UTC") from None
 
 
 def _relevance(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"relevance_score must be a number, got {value!r:.40}")
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"relevance_score must be finite, got {value}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"relevance_score must be a finite number >= 0, got {value}")
     return value + 0.0  # folds -0.0 into 0.0: one value, one encoding
 
 
@@ -232,7 +239,7 @@ class MemoryAtom:
 
         return atom_id(self)
 
-    @property
+    @functools.cached_property
     def tokens(self) -> int:
         return estimate_tokens(self.content)
 
@@ -252,7 +259,11 @@ def _relations(value: Mapping[str, Iterable[Iterable[int]]]) -> dict[str, tuple[
         if not isinstance(name, str):
             raise TypeError(f"relation names must be strings, got {name!r:.40}")
         pairs = []
+        if not isinstance(value[name], (list, tuple)):
+            raise TypeError(f"relation {name!r}: expected a list of [i, j] pairs")
         for pair in value[name]:
+            if not isinstance(pair, (list, tuple)):
+                raise TypeError(f"relation {name!r}: expected [i, j] pairs, got {pair!r:.40}")
             pair = tuple(pair)
             if len(pair) != 2 or not all(type(i) is int for i in pair):
                 raise TypeError(f"relation {name!r}: pairs must be two integers, got {pair!r:.40}")

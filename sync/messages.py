@@ -1,0 +1,354 @@
+"""Protocol messages: frozen classes, one tagged union, one converter.
+
+The tag is the frame's type byte (`MessageType`); the payload is a
+MessagePack map of the message's fields, produced and checked by the one
+cattrs converter of `sync.codec` (model objects inside take their canonical
+array forms). Decoding is strict — exact types, no unknown keys — and
+bounded: every collection has a maximum length, checked before the message
+exists, and the payload itself is bounded by the frame layer.
+
+The seed's request/response set (EXPAND/STREAM/QUERY/PUSH, ACK, ERROR)
+keeps its type codes; the sync messages live in 0x10-0x1F.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, ClassVar
+
+import attrs
+import cattrs
+import msgpack
+
+from sync import codec
+from sync.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from sync.model import MemoryAtom, MemoryMolecule, TypeSignature  # noqa: F401 (field types)
+
+MAGIC = b"CTXF"
+PROTOCOL_VERSIONS = (1,)
+
+# Ids per WANT/ACK/HAVE: 4096 × 32 bytes = 128 KiB, one frame's worth at
+# the default frame size; more ids simply take more messages.
+MAX_IDS_PER_MESSAGE = 4096
+# Objects per OBJECTS message: many small contexts per message amortise
+# the per-message cost; the byte size is bounded by flow control anyway.
+MAX_OBJECTS_PER_MESSAGE = 4096
+# Atoms per STREAM_CHUNK / QUERY_RESPONSE / EXPAND_RESPONSE. An expansion
+# bigger than this is for STREAM, whose chunks are small and flow-controlled.
+MAX_ATOMS_PER_MESSAGE = 1_000_000
+MAX_PATH_LENGTH = 1_000_000
+# Human-readable text in ERROR/GOODBYE: enough for a sentence and an id.
+MAX_REASON_LENGTH = 1024
+MAX_VERSIONS = 16
+ID_BYTES = 32
+
+
+class MessageType(enum.IntEnum):
+    # the seed's: client -> server
+    EXPAND_REQUEST = 0x01
+    STREAM_REQUEST = 0x02
+    QUERY_REQUEST = 0x03
+    PUSH_CONTEXT = 0x04
+    STATUS_REQUEST = 0x05
+    # sync, both ways
+    HELLO = 0x10
+    ROOT = 0x11
+    RECONCILE = 0x12
+    WANT = 0x13
+    OBJECTS = 0x14
+    CREDIT = 0x15
+    PING = 0x16
+    PONG = 0x17
+    GOODBYE = 0x18
+    # the seed's: server -> client
+    EXPAND_RESPONSE = 0x81
+    STREAM_CHUNK = 0x82
+    STREAM_END = 0x83
+    QUERY_RESPONSE = 0x84
+    ACK = 0x85
+    STATUS_RESPONSE = 0x86
+    ERROR = 0xFF
+
+
+def _max_len(limit: int):
+    def check(_inst: object, attr: attrs.Attribute, value: Any) -> None:
+        if len(value) > limit:
+            raise ValueError(f"{attr.name}: {len(value)} items, the limit is {limit}")
+
+    return check
+
+
+def _id(_inst: object, attr: attrs.Attribute, value: bytes) -> None:
+    if len(value) != ID_BYTES:
+        raise ValueError(f"{attr.name}: an id is {ID_BYTES} bytes, got {len(value)}")
+
+
+def _ids(limit: int):
+    def check(inst: object, attr: attrs.Attribute, value: tuple[bytes, ...]) -> None:
+        _max_len(limit)(inst, attr, value)
+        for item in value:
+            if len(item) != ID_BYTES:
+                raise ValueError(f"{attr.name}: an id is {ID_BYTES} bytes, got {len(item)}")
+
+    return check
+
+
+def _non_negative(_inst: object, attr: attrs.Attribute, value: int | float | None) -> None:
+    if value is not None and not value >= 0:
+        raise ValueError(f"{attr.name} must be >= 0, got {value}")
+
+
+def _finite(_inst: object, attr: attrs.Attribute, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{attr.name} must be finite")
+
+
+def _positive(_inst: object, attr: attrs.Attribute, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attr.name} must be >= 1, got {value}")
+
+
+_frozen = attrs.frozen(kw_only=True)
+
+
+# ---------------------------------------------------------------- connection
+
+
+@_frozen
+class Hello:
+    TYPE: ClassVar = MessageType.HELLO
+    magic: bytes
+    versions: tuple[int, ...] = attrs.field(validator=_max_len(MAX_VERSIONS))
+    node_id: bytes = attrs.field(validator=_id)
+    max_frame_size: int
+    stream_window: int = attrs.field(validator=_positive)
+    connection_window: int = attrs.field(validator=_positive)
+    root: bytes = attrs.field(validator=_id)
+    count: int = attrs.field(validator=_non_negative)
+
+
+@_frozen
+class Root:
+    """The sender's node root changed (or is being re-announced)."""
+
+    TYPE: ClassVar = MessageType.ROOT
+    root: bytes = attrs.field(validator=_id)
+    count: int = attrs.field(validator=_non_negative)
+
+
+@_frozen
+class Credit:
+    """`increment` more bytes may be sent on this frame's stream (0: connection)."""
+
+    TYPE: ClassVar = MessageType.CREDIT
+    increment: int = attrs.field(validator=_positive)
+
+
+@_frozen
+class Ping:
+    TYPE: ClassVar = MessageType.PING
+    nonce: int = attrs.field(validator=_non_negative)
+
+
+@_frozen
+class Pong:
+    TYPE: ClassVar = MessageType.PONG
+    nonce: int = attrs.field(validator=_non_negative)
+
+
+@_frozen
+class Goodbye:
+    TYPE: ClassVar = MessageType.GOODBYE
+    code: int = attrs.field(validator=_non_negative)
+    reason: str = attrs.field(default="", validator=_max_len(MAX_REASON_LENGTH))
+
+
+@_frozen
+class Error:
+    """A failed request (its stream), or a fatal connection error (stream 0)."""
+
+    TYPE: ClassVar = MessageType.ERROR
+    code: int = attrs.field(validator=_non_negative)
+    message: str = attrs.field(validator=_max_len(MAX_REASON_LENGTH))
+
+
+# ---------------------------------------------------------------- sync
+
+
+@_frozen
+class Reconcile:
+    """One round of set reconciliation; `body` is sync.reconcile's wire form."""
+
+    TYPE: ClassVar = MessageType.RECONCILE
+    body: tuple[Any, ...]
+
+
+@_frozen
+class Want:
+    """Please send these objects (parents before children is the sender's job)."""
+
+    TYPE: ClassVar = MessageType.WANT
+    ids: tuple[bytes, ...] = attrs.field(validator=_ids(MAX_IDS_PER_MESSAGE))
+
+
+@_frozen
+class Objects:
+    """Canonical context bytes, parents first. Flow-controlled."""
+
+    TYPE: ClassVar = MessageType.OBJECTS
+    objects: tuple[bytes, ...] = attrs.field(validator=_max_len(MAX_OBJECTS_PER_MESSAGE))
+    final: bool = False
+
+
+@_frozen
+class Ack:
+    """These ids are committed to disk on the sender's side."""
+
+    TYPE: ClassVar = MessageType.ACK
+    ids: tuple[bytes, ...] = attrs.field(validator=_ids(MAX_IDS_PER_MESSAGE))
+
+
+# ---------------------------------------------------------------- local API
+
+
+@_frozen
+class PushContext:
+    TYPE: ClassVar = MessageType.PUSH_CONTEXT
+    context: bytes
+
+
+@_frozen
+class ExpandRequest:
+    TYPE: ClassVar = MessageType.EXPAND_REQUEST
+    id: bytes = attrs.field(validator=_id)
+    min_relevance: float = attrs.field(default=0.0, validator=[_finite, _non_negative])
+    max_tokens: int | None = attrs.field(default=None, validator=_non_negative)
+
+
+@_frozen
+class ExpandResponse:
+    TYPE: ClassVar = MessageType.EXPAND_RESPONSE
+    id: bytes = attrs.field(validator=_id)
+    atoms: tuple[MemoryAtom, ...] = attrs.field(validator=_max_len(MAX_ATOMS_PER_MESSAGE))
+    molecules: tuple[MemoryMolecule, ...] = attrs.field(validator=_max_len(MAX_ATOMS_PER_MESSAGE))
+    expansion_path: tuple[bytes, ...] = attrs.field(validator=_ids(MAX_PATH_LENGTH))
+    total_tokens: int = attrs.field(validator=_non_negative)
+    type_summary: dict[str, int]
+    atom_root: bytes = attrs.field(validator=_id)
+
+
+@_frozen
+class StreamRequest:
+    TYPE: ClassVar = MessageType.STREAM_REQUEST
+    id: bytes = attrs.field(validator=_id)
+    relevance_threshold: float = attrs.field(default=0.0, validator=[_finite, _non_negative])
+    chunk_size: int = attrs.field(default=10, validator=_positive)
+    max_tokens_per_chunk: int = attrs.field(default=500, validator=_positive)
+
+
+@_frozen
+class StreamChunk:
+    """The seed's ExpansionChunk on the wire. Flow-controlled."""
+
+    TYPE: ClassVar = MessageType.STREAM_CHUNK
+    chunk_id: int = attrs.field(validator=_non_negative)
+    atoms: tuple[MemoryAtom, ...] = attrs.field(validator=_max_len(MAX_ATOMS_PER_MESSAGE))
+    is_final: bool
+    cumulative_tokens: int = attrs.field(validator=_non_negative)
+    progress: float = attrs.field(validator=_finite)
+
+
+@_frozen
+class StreamEnd:
+    TYPE: ClassVar = MessageType.STREAM_END
+    status: str = attrs.field(default="complete", validator=_max_len(MAX_REASON_LENGTH))
+
+
+@_frozen
+class QueryRequest:
+    TYPE: ClassVar = MessageType.QUERY_REQUEST
+    id: bytes = attrs.field(validator=_id)
+    type_filter: TypeSignature | None = None
+    min_relevance: float = attrs.field(default=0.0, validator=[_finite, _non_negative])
+    max_age_seconds: float | None = attrs.field(default=None, validator=_non_negative)
+    limit: int | None = attrs.field(default=None, validator=_non_negative)
+
+
+@_frozen
+class QueryResponse:
+    TYPE: ClassVar = MessageType.QUERY_RESPONSE
+    atoms: tuple[MemoryAtom, ...] = attrs.field(validator=_max_len(MAX_ATOMS_PER_MESSAGE))
+
+
+@_frozen
+class StatusRequest:
+    TYPE: ClassVar = MessageType.STATUS_REQUEST
+
+
+@_frozen
+class StatusResponse:
+    """The node's status document (schema-versioned JSON object, design.md)."""
+
+    TYPE: ClassVar = MessageType.STATUS_RESPONSE
+    status: dict[str, Any]
+
+
+Message = (
+    Hello | Root | Credit | Ping | Pong | Goodbye | Error | Reconcile | Want | Objects | Ack
+    | PushContext | ExpandRequest | ExpandResponse | StreamRequest | StreamChunk | StreamEnd
+    | QueryRequest | QueryResponse | StatusRequest | StatusResponse
+)
+
+MESSAGE_CLASSES: dict[MessageType, type] = {cls.TYPE: cls for cls in Message.__args__}
+
+# Messages whose payload bytes count against the flow-control windows: the
+# ones that carry bulk data. Control messages are never blocked by credit.
+FLOW_CONTROLLED = frozenset({MessageType.OBJECTS, MessageType.STREAM_CHUNK, MessageType.PUSH_CONTEXT})
+
+
+# ---------------------------------------------------------------- encoding
+
+_converter = codec.converter
+
+
+_converter.register_structure_hook_func(lambda t: t == dict[str, Any], lambda raw, _: _json_map(raw))
+_converter.register_structure_hook_func(lambda t: t == tuple[Any, ...], lambda raw, _: _array(raw))
+
+
+def _json_map(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise TypeError("expected a map")
+    return codec.canonical_value(codec.thaw(raw), "status")
+
+
+def _array(raw: Any) -> tuple:
+    if not isinstance(raw, (list, tuple)):
+        raise TypeError("expected an array")
+    return tuple(raw)
+
+
+def encode_payload(message: Message) -> bytes:
+    try:
+        return msgpack.packb(_converter.unstructure(message), use_bin_type=True)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise LocalProtocolError(ErrorCode.INTERNAL, f"cannot encode {type(message).__name__}: {exc}") from None
+
+
+def decode_payload(msg_type: int, payload: bytes) -> Message:
+    """Payload bytes of a frame of `msg_type` -> message, or RemoteProtocolError."""
+    try:
+        cls = MESSAGE_CLASSES[MessageType(msg_type)]
+    except ValueError:
+        raise RemoteProtocolError(ErrorCode.UNKNOWN_MESSAGE, f"unknown message type {msg_type:#04x}") from None
+    try:
+        raw = msgpack.unpackb(payload, raw=False, use_list=False, strict_map_key=True, max_ext_len=0)
+    except Exception as exc:  # msgpack raises a zoo: ValueError, TypeError, its own classes
+        raise RemoteProtocolError(ErrorCode.DECODE_ERROR, f"{cls.TYPE.name}: not MessagePack ({exc})") from None
+    if not isinstance(raw, dict):
+        raise RemoteProtocolError(ErrorCode.DECODE_ERROR, f"{cls.TYPE.name}: payload is not a map")
+    try:
+        return _converter.structure(raw, cls)
+    except Exception as exc:  # cattrs wraps field errors in exception groups
+        detail = "; ".join(cattrs.transform_error(exc)) if isinstance(exc, cattrs.BaseValidationError) else str(exc)
+        raise RemoteProtocolError(ErrorCode.DECODE_ERROR, f"{cls.TYPE.name}: {detail}"[:MAX_REASON_LENGTH]) from None
