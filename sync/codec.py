@@ -38,6 +38,7 @@ from sync.model import (
     ExpandedContext,
     MAX_TYPE_DEPTH,
     Kind,
+    canonical_value,
     MemoryAtom,
     MemoryMolecule,
     TypeSignature,
@@ -47,14 +48,10 @@ from sync.model import (
 
 FORMAT_VERSION = 1
 
-# Metadata is free-form JSON; deeper nesting than this is not a real use.
-MAX_METADATA_DEPTH = 32
 # One encoded context may not exceed this; larger deltas should be split.
 # 64 MiB keeps a decode's working set well below the machine's memory even
 # with Python's per-object overhead (~10x the encoded size in the worst case).
 MAX_CONTEXT_BYTES = 64 * 1024 * 1024
-# msgpack's C decoder bounds nesting itself; this is its limit in practice.
-_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
@@ -67,31 +64,6 @@ class DecodeError(ValueError):
 # --------------------------------------------------------------------------
 # Python objects -> canonical msgpack-ready structures
 # --------------------------------------------------------------------------
-
-
-def canonical_value(value: Any, path: str = "metadata", depth: int = 0) -> Any:
-    """Check a JSON-like value and return it with maps in canonical key order."""
-    if depth > MAX_METADATA_DEPTH:
-        raise ValueError(f"{path}: nested deeper than {MAX_METADATA_DEPTH} levels")
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        if not _INT_MIN <= value <= _INT_MAX:
-            raise ValueError(f"{path}: integer {value} does not fit in 64 bits")
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{path}: {value} is not a finite number")
-        return value
-    if isinstance(value, (list, tuple)):
-        return [canonical_value(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
-    if isinstance(value, Mapping):
-        for key in value:
-            if not isinstance(key, str):
-                raise ValueError(f"{path}: keys must be strings, got {key!r:.40}")
-        # Python orders str by code point, which is the UTF-8 byte order.
-        return {k: canonical_value(value[k], f"{path}.{k}", depth + 1) for k in sorted(value)}
-    raise ValueError(f"{path}: {type(value).__name__} is not a JSON value")
 
 
 def _type_raw(sig: TypeSignature) -> list:
@@ -176,11 +148,13 @@ def _list(value: Any, path: str, length: int | None = None) -> list:
     return value
 
 
-def _type_from_raw(raw: Any, path: str) -> TypeSignature:
+def _type_from_raw(raw: Any, path: str, depth: int = 1) -> TypeSignature:
+    if depth > MAX_TYPE_DEPTH:
+        raise DecodeError(f"{path}: type nested deeper than {MAX_TYPE_DEPTH} levels")
     name, kind, params, constraints = _list(raw, path, 4)
     _expect(isinstance(name, str), f"{path}.name", "a string")
     _expect(kind in Kind.__members__, f"{path}.kind", f"one of {', '.join(Kind.__members__)}")
-    params = [_type_from_raw(p, f"{path}.parameters[{i}]") for i, p in enumerate(_list(params, path))]
+    params = [_type_from_raw(p, f"{path}.parameters", depth + 1) for p in _list(params, path)]
     return TypeSignature(name, Kind(kind), tuple(params), tuple(_list(constraints, path)))
 
 
@@ -305,7 +279,7 @@ def molecule_to_json(molecule: MemoryMolecule) -> dict:
         "atoms": [atom_to_json(a) for a in molecule.atoms],
         "relations": {k: [list(p) for p in v] for k, v in molecule.relations.items()},
         "molecule_type": type_to_json(molecule.molecule_type),
-        "metadata": molecule.metadata,
+        "metadata": canonical_value(molecule.metadata),
     }
 
 
@@ -315,7 +289,7 @@ def context_to_json(ctx: CompressedContext) -> dict:
         "delta_atoms": [atom_to_json(a) for a in ctx.delta_atoms],
         "delta_molecules": [molecule_to_json(m) for m in ctx.delta_molecules],
         "removed_hashes": sorted(ctx.removed_hashes),
-        "compression_metadata": ctx.compression_metadata,
+        "compression_metadata": canonical_value(ctx.compression_metadata),
     }
 
 
@@ -515,8 +489,8 @@ def _strict(kind: type, *also: type):
     return structure
 
 
-for _kind, _also in ((int, ()), (str, ()), (bytes, ()), (bool, ()), (float, (int,))):
-    converter.register_structure_hook(_kind, _strict(_kind, *_also))
+for _primitive, _also_accepted in ((int, ()), (str, ()), (bytes, ()), (bool, ()), (float, (int,))):
+    converter.register_structure_hook(_primitive, _strict(_primitive, *_also_accepted))
 for _cls, _unstructure, _structure in (
     (CompressedContext, _context_raw, lambda raw, _: _context_from_raw(raw)),
     (MemoryAtom, _atom_raw, lambda raw, _: atom_from_raw(raw, "atom")),

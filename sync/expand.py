@@ -17,50 +17,95 @@ for the chunk it is about to hand out.
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 import attrs
 import msgpack
 
 from sync import codec
-from sync.model import CompressedContext, ExpandedContext, MemoryAtom, MemoryMolecule, estimate_tokens
+from sync.model import CompressedContext, ExpandedContext, MemoryAtom, MemoryMolecule
 from sync.store import ContextStore, MissingBase, NotFound
 
 # Expansions kept for memoisation. Each holds one entry per live atom, so
 # eight 100k-atom expansions are a few hundred MB at worst; LRU beyond that.
 DEFAULT_CACHE_ENTRIES = 8
+# Up to this many deltas over a remembered expansion are merged into its
+# order one by one; longer runs are applied unordered and sorted once.
+INCREMENTAL_ORDER_DELTAS = 4
+
+
+# A live atom: (-relevance, level, index, atom id, atom). Tuples sort by
+# relevance, then lineage order; (level, index) is unique, so comparison
+# never reaches the id or the atom.
+_Entry = tuple[float, int, int, str, MemoryAtom]
 
 
 @attrs.define
 class _State:
-    """A running expansion: live atoms by id with their (level, index) order."""
+    """A running expansion, kept ordered so a child's result costs ~its delta."""
 
-    atoms: dict[str, tuple[int, int, MemoryAtom]]
-    molecules: list[MemoryMolecule]
-    path: list[str]
+    atoms: dict[str, _Entry] = attrs.field(factory=dict)
+    molecules: list[MemoryMolecule] = attrs.field(factory=list)
+    path: list[str] = attrs.field(factory=list)
+    tokens: int = 0
+    types: Counter = attrs.field(factory=Counter)
+    # Entries in output order, or None when not kept up to date (a long run
+    # of deltas is applied unordered and sorted once). Never mutated in
+    # place, so copies share it.
+    ordered: list[_Entry] | None = attrs.field(factory=list)
 
     def copy(self) -> _State:
-        return _State(dict(self.atoms), list(self.molecules), list(self.path))
+        return _State(dict(self.atoms), list(self.molecules), list(self.path), self.tokens, Counter(self.types), self.ordered)
 
-    def apply(self, context_id: str, ctx: CompressedContext) -> None:
+    def _drop(self, entry: _Entry) -> None:
+        atom = entry[4]
+        self.tokens -= atom.tokens
+        self.types[str(atom.type_sig)] -= 1
+
+    def apply(self, context_id: str, ctx: CompressedContext, *, keep_order: bool = True) -> None:
         level = len(self.path)
+        dropped = False
         for h in ctx.removed_hashes:
-            self.atoms.pop(h, None)
+            old = self.atoms.pop(h, None)
+            if old is not None:
+                self._drop(old)
+                dropped = True
+        added = []
         for index, atom in enumerate(ctx.delta_atoms):
-            self.atoms[atom.content_hash] = (level, index, atom)
+            h = atom.content_hash
+            old = self.atoms.get(h)
+            if old is not None:
+                self._drop(old)
+                dropped = True
+            entry = (-atom.relevance_score, level, index, h, atom)
+            self.atoms[h] = entry
+            added.append(entry)
+            self.tokens += atom.tokens
+            self.types[str(atom.type_sig)] += 1
+        if keep_order and self.ordered is not None:
+            live = self.atoms
+            kept = [e for e in self.ordered if live.get(e[3]) is e] if dropped else self.ordered
+            added = [e for e in added if live[e[3]] is e]
+            added.sort()
+            # Two sorted runs: timsort merges them in linear time.
+            self.ordered = sorted(kept + added) if added else kept
+        else:
+            self.ordered = None
         self.molecules.extend(ctx.delta_molecules)
         self.path.append(context_id)
 
     def result(self) -> ExpandedContext:
-        ordered = sorted(self.atoms.values(), key=lambda e: (-e[2].relevance_score, e[0], e[1]))
-        atoms = tuple(e[2] for e in ordered)
+        if self.ordered is None:
+            self.ordered = sorted(self.atoms.values())
         return ExpandedContext(
-            atoms=atoms,
+            atoms=tuple(e[4] for e in self.ordered),
             molecules=tuple(self.molecules),
             expansion_path=tuple(self.path),
-            total_tokens_estimate=sum(a.tokens for a in atoms),
-            type_summary=Counter(str(a.type_sig) for a in atoms),
+            total_tokens_estimate=self.tokens,
+            type_summary={t: n for t, n in self.types.items() if n},
         )
 
 
@@ -77,20 +122,24 @@ class ExpanderFunctor:
         if cached is not None:
             self._cache.move_to_end(context_id)
             return cached
-        pending: list[tuple[str, CompressedContext]] = []
+        pending: list[tuple[str, bytes]] = []
         state = None
         # The store holds no context without its base, so the walk ends at a
-        # root or at an ancestor this expander already knows.
-        for cid, ctx in self.store.walk_back(context_id):
+        # root or at an ancestor this expander already knows; only the
+        # contexts in between are decoded.
+        for cid, data in self.store.walk_back_bytes(context_id):
             cached = self._cache.get(cid)
             if cached is not None:
                 state = cached.copy()
                 break
-            pending.append((cid, ctx))
+            pending.append((cid, data))
         if state is None:
-            state = _State({}, [], [])
-        for cid, ctx in reversed(pending):
-            state.apply(cid, ctx)
+            state = _State()
+        # Keeping the order up to date costs O(n) per delta; past a few
+        # deltas one sort at the end is cheaper.
+        keep_order = len(pending) <= INCREMENTAL_ORDER_DELTAS
+        for cid, data in reversed(pending):
+            state.apply(cid, codec.decode_context(data, verify=False), keep_order=keep_order)
         self._remember(context_id, state)
         return state
 
@@ -100,12 +149,21 @@ class ExpanderFunctor:
         while len(self._cache) > self._cache_entries:
             self._cache.popitem(last=False)
 
+    def remembered(self, context_id: str) -> list[_Entry] | None:
+        """The ordered live atoms of an expansion this expander holds, else None."""
+        state = self._cache.get(context_id)
+        if state is None:
+            return None
+        if state.ordered is None:
+            state.ordered = sorted(state.atoms.values())
+        return state.ordered
+
     def expand(self, target: CompressedContext | str) -> ExpandedContext:
         """Expand a stored context by id, or a context object over a stored base."""
         if isinstance(target, str):
             return self._state_of(target).result()
         if target.base_hash is None:
-            state = _State({}, [], [])
+            state = _State()
         else:
             if not self.store.has(target.base_hash):
                 raise MissingBase(target.id, target.base_hash)
@@ -119,7 +177,7 @@ class IncrementalExpander:
 
     def __init__(self, store: ContextStore, start: str | None = None) -> None:
         self.head = start
-        self._state = ExpanderFunctor(store, cache_entries=1)._state_of(start).copy() if start else _State({}, [], [])
+        self._state = ExpanderFunctor(store, cache_entries=1)._state_of(start).copy() if start else _State()
 
     def apply(self, ctx: CompressedContext) -> ExpandedContext:
         if ctx.base_hash != self.head:
@@ -186,6 +244,7 @@ def stream_expansion(
     relevance_threshold: float = 0.0,
     chunk_size: int = 10,
     max_tokens_per_chunk: int = 500,
+    expander: ExpanderFunctor | None = None,
 ) -> Iterator[ExpansionChunk]:
     """Chunks of the expansion, most relevant atoms first, built lazily.
 
@@ -193,34 +252,49 @@ def stream_expansion(
     `max_tokens_per_chunk` tokens, except that an atom larger than the token
     budget travels alone rather than being dropped. Exactly one chunk (the
     last) has `is_final`; an empty expansion yields one empty final chunk.
+
+    With an `expander` that remembers the target's expansion, chunks come
+    straight from it; otherwise the lineage is scanned once in raw form and
+    atom objects are built only as chunks are handed out.
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
     if max_tokens_per_chunk < 1:
         raise ValueError("max_tokens_per_chunk must be at least 1")
+    remembered = expander.remembered(target) if expander is not None and isinstance(target, str) else None
+    if remembered is not None:
+        count = bisect.bisect_right(remembered, -relevance_threshold, key=lambda e: e[0])
+        atoms = (e[4] for e in itertools.islice(remembered, count))
+        yield from _chunked(atoms, count, chunk_size, max_tokens_per_chunk)
+        return
     heap = _live_atoms(store, target, relevance_threshold)
-    total = len(heap)
     heapq.heapify(heap)
+    popped = (codec.atom_from_raw(heapq.heappop(heap)[3]) for _ in range(len(heap)))
+    yield from _chunked(popped, len(heap), chunk_size, max_tokens_per_chunk)
+
+
+def _chunked(atoms: Iterator[MemoryAtom], total: int, chunk_size: int, max_tokens: int) -> Iterator[ExpansionChunk]:
     chunk_id = cumulative = emitted = 0
+    held = next(atoms, None)
     while True:
-        atoms: list[MemoryAtom] = []
+        chunk: list[MemoryAtom] = []
         tokens = 0
-        while heap and len(atoms) < chunk_size:
-            cost = estimate_tokens(heap[0][3][0])
-            if atoms and tokens + cost > max_tokens_per_chunk:
+        while held is not None and len(chunk) < chunk_size:
+            if chunk and tokens + held.tokens > max_tokens:
                 break
-            atoms.append(codec.atom_from_raw(heapq.heappop(heap)[3]))
-            tokens += cost
-        emitted += len(atoms)
+            chunk.append(held)
+            tokens += held.tokens
+            held = next(atoms, None)
+        emitted += len(chunk)
         cumulative += tokens
         yield ExpansionChunk(
             chunk_id=chunk_id,
-            atoms=tuple(atoms),
-            is_final=not heap,
+            atoms=tuple(chunk),
+            is_final=held is None,
             cumulative_tokens=cumulative,
             expansion_progress=1.0 if total == 0 else emitted / total,
         )
-        if not heap:
+        if held is None:
             return
         chunk_id += 1
 

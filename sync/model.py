@@ -19,12 +19,18 @@ from __future__ import annotations
 
 import enum
 import functools
+import json
 import math
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 import attrs
+
+# Metadata is free-form JSON; deeper nesting than this is not a real use.
+MAX_METADATA_DEPTH = 32
+# MessagePack's integer range: what metadata integers may hold.
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 # A type nested deeper than this is almost certainly hostile input; real
 # signatures (List[Dict[String, Int]]) are three or four levels deep.
@@ -54,6 +60,44 @@ def check_id(value: object, what: str = "id") -> str:
     if not is_id(value):
         raise ValueError(f"{what} must be 64 lowercase hex characters, got {value!r:.80}")
     return value  # type: ignore[return-value]
+
+
+def canonical_value(value: Any, path: str = "metadata", depth: int = 0) -> Any:
+    """Check a JSON-like value; return a fresh copy with maps in canonical key order."""
+    if depth > MAX_METADATA_DEPTH:
+        raise ValueError(f"{path}: nested deeper than {MAX_METADATA_DEPTH} levels")
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise ValueError(f"{path}: integer {value} does not fit in 64 bits")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{path}: {value} is not a finite number")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [canonical_value(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        for key in value:
+            if not isinstance(key, str):
+                raise ValueError(f"{path}: keys must be strings, got {key!r:.40}")
+        # Python orders str by code point, which is the UTF-8 byte order.
+        return {k: canonical_value(value[k], f"{path}.{k}", depth + 1) for k in sorted(value)}
+    raise ValueError(f"{path}: {type(value).__name__} is not a JSON value")
+
+
+def _metadata(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"metadata must be a mapping, got {type(value).__name__}")
+    return canonical_value(value)
+
+
+def _metadata_key(value: dict[str, Any]) -> str:
+    # Python says 1 == 1.0 == True; the encoding (and so the id) does not.
+    # Compare by the JSON text, which tells them apart, so equal contexts
+    # always have equal ids.
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
 def _check_str(what: str):
@@ -277,9 +321,11 @@ class MemoryMolecule:
     """Atoms plus named relations, each a list of (i, j) index pairs."""
 
     atoms: tuple[MemoryAtom, ...] = attrs.field(converter=tuple)
-    relations: dict[str, tuple[tuple[int, int], ...]] = attrs.field(converter=_relations)
+    relations: dict[str, tuple[tuple[int, int], ...]] = attrs.field(
+        converter=_relations, eq=lambda r: tuple(r.items())
+    )
     molecule_type: TypeSignature = attrs.field(validator=attrs.validators.instance_of(TypeSignature))
-    metadata: dict[str, Any] = attrs.field(factory=dict, converter=dict)
+    metadata: dict[str, Any] = attrs.field(factory=dict, converter=_metadata, eq=_metadata_key)
 
     def __attrs_post_init__(self) -> None:
         for atom in self.atoms:
@@ -331,7 +377,7 @@ class CompressedContext:
     delta_atoms: tuple[MemoryAtom, ...] = attrs.field(converter=tuple)
     delta_molecules: tuple[MemoryMolecule, ...] = attrs.field(default=(), converter=tuple)
     removed_hashes: frozenset[str] = attrs.field(default=frozenset(), converter=_removed)
-    compression_metadata: dict[str, Any] = attrs.field(factory=dict, converter=dict)
+    compression_metadata: dict[str, Any] = attrs.field(factory=dict, converter=_metadata, eq=_metadata_key)
 
     def __attrs_post_init__(self) -> None:
         for atom in self.delta_atoms:

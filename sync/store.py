@@ -86,6 +86,7 @@ class InMemoryContextStore:
         return [cid for cid, _, _ in batch]
 
     def _entry(self, context_id: str) -> tuple[CompressedContext, bytes]:
+        check_id(context_id, "context id")
         try:
             return self._objects[context_id]
         except KeyError:
@@ -98,7 +99,7 @@ class InMemoryContextStore:
         return self._entry(context_id)[1]
 
     def has(self, context_id: str) -> bool:
-        return context_id in self._objects
+        return check_id(context_id, "context id") in self._objects
 
     def walk_back(self, context_id: str) -> Iterator[tuple[str, CompressedContext]]:
         current: str | None = context_id
@@ -117,6 +118,8 @@ class InMemoryContextStore:
         return lineage
 
     def ids(self, start: str | None = None) -> Iterator[str]:
+        if start is not None:
+            check_id(start, "start id")
         return iter(sorted(cid for cid in self._objects if start is None or cid >= start))
 
     def heads(self) -> list[str]:
@@ -244,16 +247,20 @@ class SQLiteContextStore:
         """
         check_id(context_id, "context id")
         cursor = self._db.cursor()
+        # Callers often stop after a few rows (at a remembered ancestor), so
+        # start with small fetches and grow them for long walks.
+        batch = 4
         with self._lock:
             cursor.execute(_LINEAGE, (bytes.fromhex(context_id),))
-            rows = cursor.fetchmany(256)
+            rows = cursor.fetchmany(batch)
         if not rows:
             raise NotFound(context_id)
         while rows:
             for cid, data in rows:
                 yield cid.hex(), data
+            batch = min(batch * 2, 256)
             with self._lock:
-                rows = cursor.fetchmany(256)
+                rows = cursor.fetchmany(batch)
 
     def walk_back(self, context_id: str) -> Iterator[tuple[str, CompressedContext]]:
         for cid, data in self.walk_back_bytes(context_id):
