@@ -48,10 +48,12 @@ from sync.model import (
 
 FORMAT_VERSION = 1
 
-# One encoded context may not exceed this; larger deltas should be split.
-# 64 MiB keeps a decode's working set well below the machine's memory even
-# with Python's per-object overhead (~10x the encoded size in the worst case).
-MAX_CONTEXT_BYTES = 64 * 1024 * 1024
+# One encoded context may not exceed this; larger deltas should be split
+# into a chain. It must fit one flow-controlled OBJECTS message (the frame
+# layer's 16 MiB message cap, the 16 MiB default stream window) with room
+# to spare, and keeps a decode's working set small (Python objects cost up
+# to ~10x the encoded size).
+MAX_CONTEXT_BYTES = 12 * 1024 * 1024
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)

@@ -8,21 +8,27 @@
 
 It owns the frame decoder, reassembly and flow control; the caller owns the
 socket, the tasks and the clock. Connection-level states follow one table
-(`_RECEIVE`, `_SEND`); a message not in it is a `RemoteProtocolError` (the
-peer's fault) or `LocalProtocolError` (ours), and the connection goes to
-ERROR. After a RemoteProtocolError, `failure_bytes(exc)` is what to send
-before closing (an ERROR frame, or nothing if the peer is not ctxfs).
+(`_RECEIVE`, `_SEND`). Receiving a message not in it is a
+`RemoteProtocolError` (the peer's fault: the connection goes to ERROR, and
+`failure_bytes(exc)` is what to send before closing — an ERROR frame, or
+nothing if the peer is not ctxfs). Sending one is a `LocalProtocolError`
+(our bug: nothing is produced and the state does not change).
+
+Credit: `release()` returns the CREDIT frames it makes; credit owed for
+other reasons (data dropped on a closed stream) comes from `take_credit()`,
+which the caller checks after each batch of events.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 
 import attrs
 
 from sync import frames
 from sync.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
-from sync.flow import FlowController
+from sync.flow import MAX_WINDOW, FlowController
 from sync.messages import (
     FLOW_CONTROLLED,
     MAGIC,
@@ -40,6 +46,8 @@ from sync.messages import (
 # Streams the peer may hold open at once. Each costs two small window
 # objects; a peer that never closes its streams hits this, not our memory.
 MAX_PEER_STREAMS = 256
+# Closed peer streams remembered, so late frames for them are dropped.
+RECENTLY_CLOSED = 1024
 # Smallest window a peer may advertise: one MIN_FRAME_SIZE frame of data
 # and room for a small OBJECTS message. Smaller windows only make traffic.
 MIN_WINDOW = 64 * 1024
@@ -102,6 +110,21 @@ _SEND = {
 }
 
 
+def _hello_problem(hello: Hello) -> str | None:
+    if not frames.MIN_FRAME_SIZE <= hello.max_frame_size <= frames.MAX_FRAME_SIZE:
+        return f"max frame size {hello.max_frame_size} out of range"
+    for name in ("stream_window", "connection_window"):
+        if not MIN_WINDOW <= getattr(hello, name) <= MAX_WINDOW:
+            return f"{name} out of range"
+    return None
+
+
+def _check_own_hello(hello: Hello) -> None:
+    problem = _hello_problem(hello)
+    if problem is not None:
+        raise LocalProtocolError(ErrorCode.INTERNAL, f"our HELLO: {problem}")
+
+
 class Connection:
     def __init__(
         self,
@@ -110,7 +133,7 @@ class Connection:
         dialer: bool,
         max_message_size: int = frames.DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
-        frames.validate_peer_max_frame_size(hello.max_frame_size)
+        _check_own_hello(hello)
         self.our_hello = hello
         self.dialer = dialer
         self.state = State.HANDSHAKE
@@ -122,9 +145,15 @@ class Connection:
         self._flow: FlowController | None = None
         self._peer_max_frame_size = frames.MIN_FRAME_SIZE
         self._next_stream = frames.first_stream_id(dialer=dialer)
-        self._last_peer_stream = 0
         self._peer_streams: set[int] = set()
         self._started = False
+        self._preamble: bytes | None = b""  # the first two bytes, until seen
+        self._bad_preamble = False
+        self._closed_event: ConnectionClosed | None = None
+        # Peer streams we closed, most recent last: frames still in flight
+        # for them are dropped, not taken for new streams. Bounded: a peer
+        # does not send on a stream long after its end.
+        self._peer_closed: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     # ------------------------------------------------------------ sending
 
@@ -146,6 +175,8 @@ class Connection:
         next_state = _SEND.get((self.state, _kind(msg_type)))
         if next_state is None:
             raise LocalProtocolError(ErrorCode.PROTOCOL_ERROR, f"cannot send {msg_type.name} in state {self.state.value}")
+        if stream_id != 0 and not self._flow.is_open(stream_id):
+            raise LocalProtocolError(ErrorCode.PROTOCOL_ERROR, f"stream {stream_id} is not open")
         payload = encode_payload(message)
         if len(payload) > self._max_message_size:
             raise LocalProtocolError(ErrorCode.LIMIT_EXCEEDED, f"{msg_type.name} of {len(payload)} bytes is too large")
@@ -183,11 +214,29 @@ class Connection:
         return stream_id
 
     def close_stream(self, stream_id: int) -> None:
-        """Forget a finished stream (ours or the peer's); late frames are dropped."""
-        if self._flow is not None:
-            self._flow.close_stream(stream_id)
-        self._peer_streams.discard(stream_id)
-        self._assembler.discard(stream_id)
+        """Forget a finished stream (ours or the peer's); late frames are dropped.
+
+        Credit for bytes dropped with it is granted back through
+        `take_credit()`.
+        """
+        if self._flow is None or not self._flow.is_open(stream_id):
+            return
+        partial = self._assembler.discard(stream_id)
+        if partial:
+            self._flow.release(stream_id, partial)
+        self._flow.close_stream(stream_id)
+        if stream_id in self._peer_streams:
+            self._peer_streams.discard(stream_id)
+            self._peer_closed[stream_id] = None
+            while len(self._peer_closed) > RECENTLY_CLOSED:
+                self._peer_closed.popitem(last=False)
+
+    def take_credit(self) -> bytes:
+        """CREDIT frames owed but not yet handed out (e.g. for data dropped on
+        closed streams). Call after handling a batch of events."""
+        if self._flow is None:
+            return b""
+        return self._grants()
 
     def send_capacity(self, stream_id: int) -> int:
         """The largest flow-controlled message that may be sent on the stream now."""
@@ -208,7 +257,9 @@ class Connection:
         return self._grants()
 
     def _grants(self) -> bytes:
-        if self.state not in (State.OPEN, State.LOCAL_CLOSING):
+        # Once either side has said GOODBYE, credit is moot (and a peer in
+        # REMOTE_CLOSING may not receive it).
+        if self.state is not State.OPEN:
             return b""
         return b"".join(
             frames.encode_frame(
@@ -237,6 +288,15 @@ class Connection:
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the transport; b"" means the peer closed its side."""
+        if self._preamble is not None and data:
+            # Judge the first two bytes before the frame layer does, so that
+            # an HTTP or TLS client is told apart from a broken ctxfs peer
+            # (and gets no reply at all).
+            self._preamble += data[: 2 - len(self._preamble)]
+            if self._preamble[:1] not in (b"", bytes([MessageType.HELLO])) or self._preamble[1:2] not in (b"", b"\x00"):
+                self._bad_preamble = True
+            if len(self._preamble) >= 2:
+                self._preamble = None
         self._decoder.receive_data(data)
 
     def next_event(self) -> Event | _Need:
@@ -251,18 +311,24 @@ class Connection:
             raise
 
     def _next_event(self) -> Event | _Need:
+        if self._closed_event is not None:
+            return self._closed_event
+        if self._bad_preamble:
+            raise RemoteProtocolError(ErrorCode.BAD_MAGIC, "the peer does not speak ctxfs")
         while True:
             frame = self._decoder.next_frame()
             if frame is None:
                 if self._decoder.eof_received:
-                    clean = self.state is State.CLOSED
+                    self._closed_event = ConnectionClosed(clean=self.state is State.CLOSED)
                     self.state = State.CLOSED
-                    return ConnectionClosed(clean=clean)
+                    return self._closed_event
                 return NEED_DATA
             if self.state is State.HANDSHAKE:
                 return self._receive_hello(frame)
             self._check_stream(frame)
             if frame.type in FLOW_CONTROLLED:
+                if frame.stream_id == 0:
+                    raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"{MessageType(frame.type).name} on stream 0")
                 self._flow.on_data(frame.stream_id, len(frame.payload))
                 if not self._flow.is_open(frame.stream_id):
                     # A stream we closed: drop it, but free the connection credit.
@@ -292,10 +358,9 @@ class Connection:
         if not common:
             supported = ", ".join(map(str, PROTOCOL_VERSIONS))
             raise RemoteProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"no common protocol version; this node speaks {supported}")
-        frames.validate_peer_max_frame_size(message.max_frame_size)
-        for name in ("stream_window", "connection_window"):
-            if not MIN_WINDOW <= getattr(message, name) <= 2**31 - 1:
-                raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"{name} out of range")
+        problem = _hello_problem(message)
+        if problem is not None:
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"HELLO: {problem}")
         self.version = max(common)
         self.peer_hello = message
         self._peer_max_frame_size = message.max_frame_size
@@ -310,7 +375,7 @@ class Connection:
         return Received(stream_id=0, message=message, size=len(frame.payload))
 
     def _check_stream(self, frame: frames.Frame) -> None:
-        """Streams: the peer opens ids of its parity, in increasing order."""
+        """Streams: ours must have been opened; the peer's open at first use."""
         stream_id = frame.stream_id
         if stream_id == 0 or stream_id in self._peer_streams or self._flow.is_open(stream_id):
             return
@@ -319,10 +384,9 @@ class Connection:
             if stream_id >= self._next_stream:
                 raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"stream {stream_id} was never opened")
             return  # one of ours, already closed: late frames are dropped or ignored
-        if stream_id <= self._last_peer_stream:
+        if stream_id in self._peer_closed:
             return  # the peer's, already closed
         if len(self._peer_streams) >= MAX_PEER_STREAMS:
             raise RemoteProtocolError(ErrorCode.LIMIT_EXCEEDED, f"more than {MAX_PEER_STREAMS} open streams")
-        self._last_peer_stream = stream_id
         self._peer_streams.add(stream_id)
         self._flow.open_stream(stream_id)

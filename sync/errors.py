@@ -46,6 +46,7 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 12  # our own failure (also: unknown codes received, see below)
     BAD_REQUEST = 13  # well-formed but semantically invalid request
     SHUTTING_DOWN = 14  # the node is stopping; retry elsewhere/later
+    RETRY = 15  # transient (e.g. the set changed during reconciliation): try again
 
 
 def error_code_from_wire(value: int) -> ErrorCode:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
+import typing
 from typing import Any, ClassVar
 
 import attrs
@@ -41,6 +42,10 @@ MAX_PATH_LENGTH = 1_000_000
 # Human-readable text in ERROR/GOODBYE: enough for a sentence and an id.
 MAX_REASON_LENGTH = 1024
 MAX_VERSIONS = 16
+# Ages beyond ~3000 years mean "no limit"; bigger values overflow timedelta.
+MAX_AGE_SECONDS = 1e11
+# A reconciliation message is a short list (sync/reconcile.py validates it).
+MAX_RECONCILE_FIELDS = 8
 ID_BYTES = 32
 
 
@@ -102,6 +107,11 @@ def _non_negative(_inst: object, attr: attrs.Attribute, value: int | float | Non
 def _finite(_inst: object, attr: attrs.Attribute, value: float) -> None:
     if not math.isfinite(value):
         raise ValueError(f"{attr.name} must be finite")
+
+
+def _optional_finite(_inst: object, attr: attrs.Attribute, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value <= MAX_AGE_SECONDS):
+        raise ValueError(f"{attr.name} must be finite and at most {MAX_AGE_SECONDS:g}")
 
 
 def _positive(_inst: object, attr: attrs.Attribute, value: int) -> None:
@@ -181,7 +191,7 @@ class Reconcile:
     """One round of set reconciliation; `body` is sync.reconcile's wire form."""
 
     TYPE: ClassVar = MessageType.RECONCILE
-    body: tuple[Any, ...]
+    body: tuple[Any, ...] = attrs.field(validator=_max_len(MAX_RECONCILE_FIELDS))
 
 
 @_frozen
@@ -194,11 +204,20 @@ class Want:
 
 @_frozen
 class Objects:
-    """Canonical context bytes, parents first. Flow-controlled."""
+    """Contexts as (id, canonical bytes) pairs, parents first. Flow-controlled.
+
+    The receiver re-hashes each object and refuses the message if any id
+    does not match its bytes.
+    """
 
     TYPE: ClassVar = MessageType.OBJECTS
+    ids: tuple[bytes, ...] = attrs.field(validator=_ids(MAX_OBJECTS_PER_MESSAGE))
     objects: tuple[bytes, ...] = attrs.field(validator=_max_len(MAX_OBJECTS_PER_MESSAGE))
     final: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.ids) != len(self.objects):
+            raise ValueError(f"{len(self.ids)} ids for {len(self.objects)} objects")
 
 
 @_frozen
@@ -271,7 +290,7 @@ class QueryRequest:
     id: bytes = attrs.field(validator=_id)
     type_filter: TypeSignature | None = None
     min_relevance: float = attrs.field(default=0.0, validator=[_finite, _non_negative])
-    max_age_seconds: float | None = attrs.field(default=None, validator=_non_negative)
+    max_age_seconds: float | None = attrs.field(default=None, validator=[_non_negative, _optional_finite])
     limit: int | None = attrs.field(default=None, validator=_non_negative)
 
 
@@ -313,7 +332,28 @@ _converter = codec.converter
 
 
 _converter.register_structure_hook_func(lambda t: t == dict[str, Any], lambda raw, _: _json_map(raw))
-_converter.register_structure_hook_func(lambda t: t == tuple[Any, ...], lambda raw, _: _array(raw))
+
+
+def _is_homogeneous_tuple(t: Any) -> bool:
+    args = typing.get_args(t)
+    return typing.get_origin(t) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def _tuple_hook(t: Any):
+    # cattrs would iterate any iterable (a map's keys, a string's letters);
+    # the wire has arrays, and only arrays are accepted.
+    item = typing.get_args(t)[0]
+    structure = None if item is Any else _converter.get_structure_hook(item)
+
+    def hook(raw: Any, _type: Any) -> tuple:
+        if not isinstance(raw, (list, tuple)):
+            raise TypeError(f"expected an array, got {type(raw).__name__}")
+        return tuple(raw) if structure is None else tuple(structure(x, item) for x in raw)
+
+    return hook
+
+
+_converter.register_structure_hook_factory(_is_homogeneous_tuple, _tuple_hook)
 
 
 def _json_map(raw: Any) -> dict[str, Any]:
@@ -322,17 +362,31 @@ def _json_map(raw: Any) -> dict[str, Any]:
     return codec.canonical_value(codec.thaw(raw), "status")
 
 
-def _array(raw: Any) -> tuple:
-    if not isinstance(raw, (list, tuple)):
-        raise TypeError("expected an array")
-    return tuple(raw)
+# Messages whose fields are all checked at construction (their bulk is model
+# objects, validated when built); re-checking them would rebuild every atom.
+_CHECKED_AT_CONSTRUCTION = (MessageType.EXPAND_RESPONSE, MessageType.QUERY_RESPONSE)
 
 
 def encode_payload(message: Message) -> bytes:
+    """The payload bytes; LocalProtocolError if the peer could not decode them."""
     try:
-        return msgpack.packb(_converter.unstructure(message), use_bin_type=True)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise LocalProtocolError(ErrorCode.INTERNAL, f"cannot encode {type(message).__name__}: {exc}") from None
+        raw = _converter.unstructure(message)
+        if message.TYPE not in _CHECKED_AT_CONSTRUCTION:
+            # What we send must be what the peer accepts: a field of the
+            # wrong type is our bug, not a reason for the peer to hang up.
+            _converter.structure(raw, type(message))
+        return msgpack.packb(raw, use_bin_type=True)
+    except Exception as exc:  # cattrs' validation groups, msgpack's and attrs' errors
+        raise LocalProtocolError(ErrorCode.INTERNAL, f"cannot encode {type(message).__name__}: {_describe(exc)}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, cattrs.BaseValidationError):
+        try:
+            return "; ".join(cattrs.transform_error(exc))
+        except Exception:  # noqa: BLE001 - formatting must never mask the real error
+            pass
+    return str(exc)
 
 
 def decode_payload(msg_type: int, payload: bytes) -> Message:
@@ -350,5 +404,4 @@ def decode_payload(msg_type: int, payload: bytes) -> Message:
     try:
         return _converter.structure(raw, cls)
     except Exception as exc:  # cattrs wraps field errors in exception groups
-        detail = "; ".join(cattrs.transform_error(exc)) if isinstance(exc, cattrs.BaseValidationError) else str(exc)
-        raise RemoteProtocolError(ErrorCode.DECODE_ERROR, f"{cls.TYPE.name}: {detail}"[:MAX_REASON_LENGTH]) from None
+        raise RemoteProtocolError(ErrorCode.DECODE_ERROR, f"{cls.TYPE.name}: {_describe(exc)}"[:MAX_REASON_LENGTH]) from None

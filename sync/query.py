@@ -13,19 +13,28 @@ import attrs
 from sync.model import ExpandedContext, MemoryAtom, TypeSignature, to_utc
 
 
+# timedelta tops out near 8.6e13 s; any age beyond ~3000 years is "no limit".
+MAX_AGE_SECONDS = 1e11
+
+
 def _non_negative(what: str):
     def check(_inst: object, _attr: object, value: float | int | None) -> None:
-        if value is not None and value < 0:
-            raise ValueError(f"{what} must not be negative, got {value}")
+        if value is not None and not value >= 0:
+            raise ValueError(f"{what} must be a number >= 0, got {value}")
 
     return check
+
+
+def _max_age(_inst: object, _attr: object, value: float | None) -> None:
+    if value is not None and not 0 <= value <= MAX_AGE_SECONDS:
+        raise ValueError(f"max_age_seconds must be between 0 and {MAX_AGE_SECONDS:g}, got {value}")
 
 
 @attrs.frozen(kw_only=True)
 class ContextQuery:
     type_filter: TypeSignature | None = None
-    min_relevance: float = 0.0
-    max_age_seconds: float | None = attrs.field(default=None, validator=_non_negative("max_age_seconds"))
+    min_relevance: float = attrs.field(default=0.0, validator=_non_negative("min_relevance"))
+    max_age_seconds: float | None = attrs.field(default=None, validator=_max_age)
     limit: int | None = attrs.field(default=None, validator=_non_negative("limit"))
 
     def matches(self, atom: MemoryAtom, now: datetime) -> bool:

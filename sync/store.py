@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from sync.codec import DecodeError, bytes_id, decode_context, encode_context
+from sync.codec import MAX_CONTEXT_BYTES, DecodeError, bytes_id, decode_context, encode_context
 from sync.model import CompressedContext, check_id
 
 SCHEMA_VERSION = 1
@@ -38,15 +38,23 @@ class MissingBase(StoreError, ValueError):
         self.base_id = base_id
 
 
+class ContextTooLarge(StoreError, ValueError):
+    def __init__(self, size: int) -> None:
+        super().__init__(f"context encodes to {size} bytes; the limit is {MAX_CONTEXT_BYTES} (split it into a chain)")
+        self.size = size
+
+
 class ContextStore(Protocol):
     def put(self, ctx: CompressedContext) -> str: ...
     def put_many(self, contexts: Sequence[CompressedContext]) -> list[str]: ...
+    def put_encoded(self, blobs: Sequence[bytes]) -> list[str]: ...
     def get(self, context_id: str) -> CompressedContext: ...
     def get_bytes(self, context_id: str) -> bytes: ...
     def has(self, context_id: str) -> bool: ...
     def get_lineage(self, context_id: str) -> list[str]: ...
     def walk_back(self, context_id: str) -> Iterator[tuple[str, CompressedContext]]: ...
     def walk_back_bytes(self, context_id: str) -> Iterator[tuple[str, bytes]]: ...
+    def parents_first(self, context_ids: Sequence[str]) -> list[tuple[str, bytes]]: ...
     def ids(self, start: str | None = None) -> Iterator[str]: ...
     def heads(self) -> list[str]: ...
     def __len__(self) -> int: ...
@@ -55,10 +63,20 @@ class ContextStore(Protocol):
 
 def _check_batch(contexts: Sequence[CompressedContext], has) -> list[tuple[str, CompressedContext, bytes]]:
     """Encode a batch and check every base is held or earlier in the batch."""
+    return _check_encoded([(ctx, encode_context(ctx)) for ctx in contexts], has)
+
+
+def _decode_batch(blobs: Sequence[bytes]) -> list[tuple[CompressedContext, bytes]]:
+    """Strictly decode bytes from outside: canonical form or DecodeError."""
+    return [(decode_context(bytes(data), verify=True), bytes(data)) for data in blobs]
+
+
+def _check_encoded(pairs: Sequence[tuple[CompressedContext, bytes]], has) -> list[tuple[str, CompressedContext, bytes]]:
     out = []
     known: set[str] = set()
-    for ctx in contexts:
-        data = encode_context(ctx)
+    for ctx, data in pairs:
+        if len(data) > MAX_CONTEXT_BYTES:
+            raise ContextTooLarge(len(data))
         cid = bytes_id(data)
         if ctx.base_hash is not None and ctx.base_hash not in known and not has(ctx.base_hash):
             raise MissingBase(cid, ctx.base_hash)
@@ -78,7 +96,13 @@ class InMemoryContextStore:
         return self.put_many([ctx])[0]
 
     def put_many(self, contexts: Sequence[CompressedContext]) -> list[str]:
-        batch = _check_batch(contexts, self.has)
+        return self._insert(_check_batch(contexts, self.has))
+
+    def put_encoded(self, blobs: Sequence[bytes]) -> list[str]:
+        """Store canonical bytes from outside, verified: the receive path."""
+        return self._insert(_check_encoded(_decode_batch(blobs), self.has))
+
+    def _insert(self, batch: list[tuple[str, CompressedContext, bytes]]) -> list[str]:
         for cid, ctx, data in batch:
             self._objects.setdefault(cid, (ctx, data))
             if ctx.base_hash is not None:
@@ -111,6 +135,11 @@ class InMemoryContextStore:
     def walk_back_bytes(self, context_id: str) -> Iterator[tuple[str, bytes]]:
         for cid, _ctx in self.walk_back(context_id):
             yield cid, self._objects[cid][1]
+
+    def parents_first(self, context_ids: Sequence[str]) -> list[tuple[str, bytes]]:
+        """(id, bytes) of the given contexts, every base before its children."""
+        depth = {cid: len(self.get_lineage(cid)) for cid in context_ids}
+        return [(cid, self._objects[cid][1]) for cid in sorted(depth, key=lambda c: (depth[c], c))]
 
     def get_lineage(self, context_id: str) -> list[str]:
         lineage = [cid for cid, _ in self.walk_back(context_id)]
@@ -196,8 +225,16 @@ class SQLiteContextStore:
         return self.put_many([ctx])[0]
 
     def put_many(self, contexts: Sequence[CompressedContext]) -> list[str]:
+        pairs = [(ctx, encode_context(ctx)) for ctx in contexts]
+        return self._insert(pairs)
+
+    def put_encoded(self, blobs: Sequence[bytes]) -> list[str]:
+        """Store canonical bytes from outside, verified: the receive path."""
+        return self._insert(_decode_batch(blobs))
+
+    def _insert(self, pairs: Sequence[tuple[CompressedContext, bytes]]) -> list[str]:
         with self._transaction():
-            batch = _check_batch(contexts, self.has)
+            batch = _check_encoded(pairs, self.has)
             depths: dict[str, int] = {}
             for cid, ctx, data in batch:
                 if ctx.base_hash is None:
@@ -266,6 +303,20 @@ class SQLiteContextStore:
         for cid, data in self.walk_back_bytes(context_id):
             # Our own bytes, checked when they were put; fsck re-verifies them.
             yield cid, decode_context(data, verify=False)
+
+    def parents_first(self, context_ids: Sequence[str]) -> list[tuple[str, bytes]]:
+        """(id, bytes) of the given contexts, every base before its children."""
+        rows = []
+        for start in range(0, len(context_ids), 500):  # SQLite's bound-variable limit
+            chunk = [bytes.fromhex(check_id(c, "context id")) for c in context_ids[start : start + 500]]
+            marks = ",".join("?" * len(chunk))
+            with self._lock:
+                rows += self._db.execute(f"SELECT depth, id, data FROM contexts WHERE id IN ({marks})", chunk).fetchall()
+        if len(rows) != len(set(context_ids)):
+            found = {r[1].hex() for r in rows}
+            raise NotFound(next(c for c in context_ids if c not in found))
+        rows.sort()
+        return [(cid.hex(), data) for _depth, cid, data in rows]
 
     def get_lineage(self, context_id: str) -> list[str]:
         check_id(context_id, "context id")
