@@ -1,0 +1,93 @@
+"""Node settings: defaults, then `config.toml` in the home, then the command line."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import attrs
+
+DEFAULT_PORT = 7787
+
+
+class ConfigError(Exception):
+    """A bad setting; the message is one line naming it."""
+
+
+def parse_address(text: str, what: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """HOST:PORT (or [v6]:PORT) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
+        host, port = text, str(default_port)
+    host = host.strip("[]")
+    if not host:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"{what}: port must be a number, got {port!r}") from None
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"{what}: port {number} is out of range")
+    return host, number
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@attrs.frozen(kw_only=True)
+class NodeConfig:
+    listen: tuple[str, int] = ("0.0.0.0", DEFAULT_PORT)
+    peers: tuple[tuple[str, int], ...] = ()
+    mdns: bool = True
+    # A full reconciliation with every peer this often, even if no root
+    # announcement was missed: the safety net under announce-driven sync.
+    anti_entropy_seconds: float = 30.0
+    # PING an idle link this often; a peer silent for idle_timeout is dropped.
+    ping_seconds: float = 10.0
+    idle_timeout_seconds: float = 30.0
+    # A peer must finish HELLO within this; a stalled dialer holds nothing long.
+    hello_timeout_seconds: float = 10.0
+    # Reconnect backoff for static peers: doubling from min to max, jittered.
+    reconnect_min_seconds: float = 0.5
+    reconnect_max_seconds: float = 30.0
+    log_json: bool = False
+
+
+_FILE_KEYS = {
+    "listen": str, "peers": list, "mdns": bool, "anti_entropy_seconds": (int, float),
+    "ping_seconds": (int, float), "idle_timeout_seconds": (int, float),
+    "hello_timeout_seconds": (int, float), "log_json": bool,
+}
+
+
+def load_config(path: Path, overrides: dict) -> NodeConfig:
+    """Defaults < config.toml < command line (`overrides`, None = not given)."""
+    values: dict = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        for key, value in data.items():
+            kinds = _FILE_KEYS.get(key)
+            if kinds is None:
+                raise ConfigError(f"{path}: unknown setting {key!r}")
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in _as_tuple(kinds)):
+                raise ConfigError(f"{path}: {key} has the wrong type")
+            values[key] = value
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "listen" in values:
+        values["listen"] = parse_address(values["listen"], "listen", default_port=DEFAULT_PORT)
+    if "peers" in values:
+        values["peers"] = tuple(parse_address(p, "peer", default_port=DEFAULT_PORT) for p in values["peers"])
+    for key in ("anti_entropy_seconds", "ping_seconds", "idle_timeout_seconds", "hello_timeout_seconds"):
+        if key in values and not values[key] > 0:
+            raise ConfigError(f"{key} must be positive")
+    return NodeConfig(**values)
+
+
+def _as_tuple(kinds):
+    return kinds if isinstance(kinds, tuple) else (kinds,)

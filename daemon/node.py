@@ -1,0 +1,270 @@
+"""The node: one nursery owning the listener, the peer sessions and the local API.
+
+The store is SQLite and blocking; every call to it (and to the expander,
+which reads it) goes through `run_sync`, one worker thread at a time, so a
+thread hop carries a whole batch. The set of ids held is mirrored in memory
+(`IdSet`) for the root and for reconciliation.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import attrs
+import trio
+
+from daemon.config import NodeConfig, format_address
+from daemon.paths import HomePaths
+from sync.codec import encode_context
+from sync.expand import ExpanderFunctor
+from sync.idset import IdSet
+from sync.messages import MAGIC, PROTOCOL_VERSIONS, Hello
+from sync.model import CompressedContext
+from sync.store import SQLiteContextStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STATUS_SCHEMA = 1
+# How long stored ids may wait for running reconciliations before entering
+# the in-memory set (and the root) anyway.
+MAX_INDEX_DELAY = 2.0
+
+
+@attrs.define
+class PeerInfo:
+    """What `status` shows about one peer; updated by its session."""
+
+    address: str
+    source: str  # "static" | "mdns" | "inbound"
+    node_id: str | None = None
+    state: str = "connecting"  # "connected" | "connecting" | "disconnected"
+    root: bytes | None = None
+    last_sync: datetime | None = None
+    objects_sent: int = 0
+    objects_received: int = 0
+    error: str | None = None
+
+
+class Node:
+    def __init__(self, *, paths: HomePaths, config: NodeConfig, node_id: str) -> None:
+        self.paths = paths
+        self.config = config
+        self.node_id = node_id
+        self.node_id_bytes = bytes.fromhex(node_id)
+        self.store: SQLiteContextStore | None = None
+        self.expander: ExpanderFunctor | None = None
+        self.index = IdSet()
+        self.listen_address: tuple[str, int] | None = None
+        self.peers: dict[str, PeerInfo] = {}  # by address, or by node id for inbound
+        self.sessions: dict[str, Any] = {}  # connected PeerSession by peer node id
+        self._store_limiter = trio.CapacityLimiter(1)
+        self._reconciling = 0
+        self._pending_ids: list[bytes] = []
+        self._pending_since = 0.0
+        self._watchers: set[Callable[[], None]] = set()
+        self._nursery: trio.Nursery | None = None
+
+    # ------------------------------------------------------------ store access
+
+    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking store/expander call in the node's one store thread."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._store_limiter)
+
+    async def add_contexts(self, contexts: Sequence[CompressedContext]) -> list[str]:
+        """Store contexts all-or-nothing (committed when this returns), then announce."""
+        return await self.add_encoded([encode_context(c) for c in contexts])
+
+    async def add_encoded(self, blobs: Sequence[bytes]) -> list[str]:
+        """Verify and store canonical bytes all-or-nothing; announce a new root."""
+        ids = await self.run_sync(self.store.put_encoded, blobs)
+        self._pending_ids.extend(bytes.fromhex(i) for i in ids)
+        stale = trio.current_time() - self._pending_since > MAX_INDEX_DELAY
+        if not self._reconciling or stale:
+            self._apply_pending()
+        return ids
+
+    def _apply_pending(self) -> None:
+        pending, self._pending_ids = self._pending_ids, []
+        self._pending_since = trio.current_time()
+        if pending and self.index.add_many(pending):
+            self._root_changed()
+
+    # A reconciliation session needs the id set to hold still (sync/reconcile
+    # checks it). New ids wait while sessions run, for at most this long;
+    # then they go in anyway and the sessions restart.
+    def begin_reconcile(self) -> None:
+        if not self._reconciling:
+            self._pending_since = trio.current_time()
+        self._reconciling += 1
+
+    def end_reconcile(self) -> None:
+        self._reconciling -= 1
+        if not self._reconciling:
+            self._apply_pending()
+
+    def root(self) -> bytes:
+        return self.index.root()
+
+    # ------------------------------------------------------------ change notification
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` (synchronously, must not block) whenever the root changes."""
+        self._watchers.add(callback)
+        return lambda: self._watchers.discard(callback)
+
+    def _root_changed(self) -> None:
+        for callback in list(self._watchers):
+            callback()
+
+    # ------------------------------------------------------------ protocol
+
+    def hello(self) -> Hello:
+        from sync import flow, frames
+
+        return Hello(
+            magic=MAGIC,
+            versions=PROTOCOL_VERSIONS,
+            node_id=self.node_id_bytes,
+            max_frame_size=frames.DEFAULT_MAX_FRAME_SIZE,
+            stream_window=flow.DEFAULT_STREAM_WINDOW,
+            connection_window=flow.DEFAULT_CONNECTION_WINDOW,
+            root=self.root(),
+            count=len(self.index),
+        )
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict:
+        """The schema-1 status document; `in_sync` compares roots as they are now.
+
+        A peer known both as a static address and as an inbound connection
+        (both sides dialled) is one row: the live session's, under the
+        address it was configured or discovered with.
+        """
+        root = self.root()
+        rows: dict[str, dict] = {}
+        preference = {"static": 0, "mdns": 1, "inbound": 2}
+        for info in sorted(self.peers.values(), key=lambda p: preference.get(p.source, 3)):
+            key = info.node_id or info.address
+            live = self.sessions.get(info.node_id) if info.node_id else None
+            live_info = live.info if live is not None else info
+            row = rows.get(key)
+            if row is None:
+                row = rows[key] = {
+                    "node_id": info.node_id,
+                    "address": info.address,
+                    "source": info.source,
+                    "state": "connected" if live is not None else info.state,
+                    "root": live_info.root.hex() if live_info.root is not None else None,
+                    "in_sync": live is not None and live_info.root == root,
+                    "last_sync": live_info.last_sync.isoformat() if live_info.last_sync else None,
+                    "objects_sent": 0,
+                    "objects_received": 0,
+                    "error": None if live is not None else info.error,
+                }
+            row["objects_sent"] += info.objects_sent
+            row["objects_received"] += info.objects_received
+        listen = format_address(*self.listen_address) if self.listen_address else None
+        return {
+            "schema": STATUS_SCHEMA,
+            "node_id": self.node_id,
+            "listen": listen,
+            "root": root.hex(),
+            "objects": len(self.index),
+            "peers": sorted(rows.values(), key=lambda r: r["address"]),
+        }
+
+    def note_sync(self, info: PeerInfo) -> None:
+        if info.root == self.root():
+            info.last_sync = datetime.now(timezone.utc)
+
+    # ------------------------------------------------------------ running
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from daemon import peer
+        from daemon.localapi import serve_local_api
+
+        self.store = SQLiteContextStore(self.paths.store)
+        self.expander = ExpanderFunctor(self.store)
+        try:
+            ids = await self.run_sync(lambda: [bytes.fromhex(i) for i in self.store.ids()])
+            self.index = IdSet(ids)
+            log.info("node %s: %d objects, root %s", self.node_id[:12], len(self.index), self.root().hex()[:12])
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                host, port = self.config.listen
+                listeners = await nursery.start(functools.partial(trio.serve_tcp, self._serve_inbound, port, host=host))
+                bound = listeners[0].socket.getsockname()
+                self.listen_address = (host, bound[1])
+                log.info("listening on %s", format_address(*self.listen_address))
+                await nursery.start(serve_local_api, self)
+                for address in self.config.peers:
+                    nursery.start_soon(self._dial_forever, address, "static")
+                task_status.started(self.listen_address)
+        finally:
+            await self._close_store()
+
+    async def _close_store(self) -> None:
+        if self.store is not None:
+            with trio.CancelScope(shield=True):
+                await self.run_sync(self.store.close)
+
+    async def _serve_inbound(self, stream: trio.SocketStream) -> None:
+        from daemon.peer import run_session
+
+        try:
+            host, port = stream.socket.getpeername()[:2]
+        except OSError:
+            return
+        info = PeerInfo(address=format_address(host, port), source="inbound")
+        await run_session(self, stream, info, dialer=False)
+
+    async def _dial_forever(self, address: tuple[str, int], source: str) -> None:
+        """Keep one connection to a static peer, reconnecting with capped backoff."""
+        from daemon.peer import run_session
+
+        key = format_address(*address)
+        info = self.peers.setdefault(key, PeerInfo(address=key, source=source))
+        delay = self.config.reconnect_min_seconds
+        while True:
+            info.state = "connecting"
+            connected = False
+            try:
+                with trio.fail_after(self.config.hello_timeout_seconds):
+                    stream = await trio.open_tcp_stream(*address)
+                connected = True
+                await run_session(self, stream, info, dialer=True)
+            except (OSError, trio.TooSlowError) as exc:
+                info.error = f"cannot connect: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+            info.state = "disconnected"
+            if connected and info.error is None:
+                delay = self.config.reconnect_min_seconds
+            await trio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, self.config.reconnect_max_seconds)
+
+
+async def _run_until_signalled(node: Node) -> None:
+    import signal
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    log.info("%s: stopping", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+
+
+def run_daemon(node: Node) -> None:
+    """Run a node in the foreground until SIGINT or SIGTERM."""
+    trio.run(_run_until_signalled, node)

@@ -1,0 +1,441 @@
+"""One peer session: HELLO, reconcile, push and receive objects under flow control.
+
+Tasks of a session, all in its own nursery:
+  reader     bytes -> Connection events -> dispatch (answers PING, feeds
+             reconcilers, queues received OBJECTS for the storer)
+  storer     verifies and commits received objects, then grants credit and ACKs
+  syncer     initiates a reconciliation whenever the roots differ (on a ROOT
+             announce, after a local change, and every anti-entropy period)
+  pusher     sends what reconciliation found the peer lacks, parents first,
+             never more than the peer's credit allows
+  keepalive  PINGs an idle link, announces our root when it changes, drops
+             a peer that has been silent too long
+Every send goes through one lock, so frames of different tasks never mix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+
+import trio
+
+from daemon.logs import RateLimitedLog
+from sync import reconcile
+from sync.connection import NEED_DATA, Connection, ConnectionClosed, Received
+from sync.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from sync.messages import (
+    Ack,
+    Credit,
+    Error,
+    Goodbye,
+    Hello,
+    Message,
+    Objects,
+    Ping,
+    Pong,
+    Reconcile,
+    Root,
+    encode_payload,
+)
+from sync.store import MissingBase, StoreError
+from sync.codec import DecodeError
+
+log = logging.getLogger(__name__)
+_warn = RateLimitedLog(log)
+
+# Target payload of one OBJECTS message: big enough to amortise the
+# per-message commit (one SQLite transaction + fsync), small enough that
+# credit comes back often. Never above the peer's max flow message.
+OBJECTS_BATCH_BYTES = 1024 * 1024
+# Received OBJECTS waiting for the storer. Flow control bounds their bytes;
+# this bounds their count.
+STORE_QUEUE = 16
+# Reconciliation jobs (id sets) waiting for the pusher.
+PUSH_QUEUE = 4
+# How long GOODBYE may take on the way out.
+CLOSE_DEADLINE = 1.0
+
+
+def _objects(batch: list[tuple[bytes, bytes]], *, final: bool) -> Objects:
+    return Objects(ids=tuple(i for i, _ in batch), objects=tuple(d for _, d in batch), final=final)
+
+
+class PeerGone(Exception):
+    """The session ends: the message says why (for status and logs)."""
+
+
+class Duplicate(PeerGone):
+    pass
+
+
+async def run_session(node, stream: trio.abc.Stream, info, *, dialer: bool) -> None:
+    session = PeerSession(node, stream, info, dialer=dialer)
+    try:
+        await session.run()
+    except PeerGone as exc:
+        info.error = None if isinstance(exc, Duplicate) else str(exc)
+    except RemoteProtocolError as exc:
+        info.error = f"protocol error: {exc.message}"
+        _warn.warning(info.address, "peer %s: %s", info.address, exc.message)
+        with trio.move_on_after(CLOSE_DEADLINE) as scope:
+            scope.shield = True
+            try:
+                await stream.send_all(session.conn.failure_bytes(exc))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        info.error = f"connection lost: {exc}" if str(exc) else "connection lost"
+    finally:
+        session.detach()
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
+
+
+class PeerSession:
+    def __init__(self, node, stream: trio.abc.Stream, info, *, dialer: bool) -> None:
+        self.node = node
+        self.stream = stream
+        self.info = info
+        self.dialer = dialer
+        self.conn = Connection(hello=node.hello(), dialer=dialer)
+        self.peer_id: str | None = None
+        self._send_lock = trio.Lock()
+        self._credit = trio.Event()
+        self._want_sync = trio.Event()
+        self._announce = trio.Event()
+        self._last_heard = trio.current_time()
+        self._replies: dict[int, trio.MemorySendChannel] = {}  # our reconcile streams
+        self._responders: dict[int, reconcile.Reconciler] = {}
+        self._store_send, self._store_receive = trio.open_memory_channel(STORE_QUEUE)
+        self._push_send, self._push_receive = trio.open_memory_channel(PUSH_QUEUE)
+        self._unwatch = None
+        self._registered = False
+        self._scope = trio.CancelScope()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        with self._scope:
+            try:
+                await self._run()
+            except trio.Cancelled:
+                # Shutdown (or replacement): say GOODBYE, briefly, then go.
+                with trio.move_on_after(CLOSE_DEADLINE) as scope:
+                    scope.shield = True
+                    if self.conn.state.value == "open":
+                        await self.send(Goodbye(code=int(ErrorCode.SHUTTING_DOWN), reason="node stopping"))
+                raise
+
+    async def _run(self) -> None:
+        await self._send_raw(self.conn.start())
+        with trio.fail_after(self.node.config.hello_timeout_seconds):
+            hello = await self._receive_hello()
+        self.peer_id = hello.node_id.hex()
+        if self.peer_id == self.node.node_id:
+            raise PeerGone("this is our own address")
+        self._register()
+        self.info.state = "connected"
+        self.info.error = None
+        self.info.root = hello.root
+        self.node.note_sync(self.info)
+        self._unwatch = self.node.watch(self._on_local_change)
+        if hello.root != self.node.root():
+            self._want_sync.set()
+        log.info("peer %s connected (%s)", self.peer_id[:12], self.info.address)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reader, nursery)
+            nursery.start_soon(self._storer)
+            nursery.start_soon(self._syncer)
+            nursery.start_soon(self._pusher)
+            nursery.start_soon(self._keepalive)
+
+    def _register(self) -> None:
+        """One connection per pair: when both dial, keep the smaller id's dial."""
+        existing = self.node.sessions.get(self.peer_id)
+        if existing is not None:
+            ours_wins = (self.node.node_id < self.peer_id) == self.dialer
+            if not ours_wins:
+                raise Duplicate("already connected the other way")
+            existing.replaced()
+        self.node.sessions[self.peer_id] = self
+        self._registered = True
+        self.info.node_id = self.peer_id
+        if self.info.source == "inbound":
+            self.node.peers[f"inbound:{self.peer_id}"] = self.info
+
+    def replaced(self) -> None:
+        """A connection that wins the one-per-pair rule takes over; this one ends."""
+        self._registered = False
+        self._scope.cancel()
+
+    def detach(self) -> None:
+        for stream_id in list(self._responders):
+            self._end_responder(stream_id)
+        if self._unwatch is not None:
+            self._unwatch()
+        if self._registered and self.node.sessions.get(self.peer_id) is self:
+            del self.node.sessions[self.peer_id]
+        if self.info.state == "connected":
+            self.info.state = "disconnected"
+            log.info("peer %s disconnected", (self.peer_id or "?")[:12])
+
+    def _on_local_change(self) -> None:
+        self._announce.set()
+
+    # ------------------------------------------------------------ sending
+
+    async def _send_raw(self, data: bytes) -> None:
+        if data:
+            async with self._send_lock:
+                await self.stream.send_all(data)
+
+    async def send(self, message: Message, stream_id: int = 0) -> None:
+        async with self._send_lock:
+            data = self.conn.send(message, stream_id)
+            await self.stream.send_all(data)
+
+    async def send_flow(self, message: Message, stream_id: int) -> None:
+        """Send a flow-controlled message once the peer's credit allows it."""
+        size = len(encode_payload(message))
+        while self.conn.send_capacity(stream_id) < size:
+            self._credit = trio.Event() if self._credit.is_set() else self._credit
+            await self._credit.wait()
+        await self.send(message, stream_id)
+
+    # ------------------------------------------------------------ receiving
+
+    async def _receive_some(self) -> bytes:
+        data = await self.stream.receive_some(self.conn.max_receive_size)
+        self._last_heard = trio.current_time()
+        return data
+
+    async def _receive_hello(self) -> Hello:
+        while True:
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                self.conn.receive_data(await self._receive_some())
+                continue
+            if isinstance(event, ConnectionClosed):
+                raise PeerGone("closed during HELLO")
+            return event.message
+
+    async def _reader(self, nursery: trio.Nursery) -> None:
+        while True:
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                await self._send_raw_locked(self.conn.take_credit)
+                data = await self._receive_some()
+                self.conn.receive_data(data)
+                continue
+            if isinstance(event, ConnectionClosed):
+                nursery.cancel_scope.cancel()
+                if not event.clean:
+                    raise PeerGone("connection closed")
+                return
+            await self._dispatch(event, nursery)
+
+    async def _dispatch(self, event: Received, nursery: trio.Nursery) -> None:
+        message, stream_id = event.message, event.stream_id
+        if isinstance(message, Ping):
+            await self.send(Pong(nonce=message.nonce))
+        elif isinstance(message, Root):
+            self.info.root = message.root
+            self.node.note_sync(self.info)
+            if message.root != self.node.root():
+                self._want_sync.set()
+        elif isinstance(message, Reconcile):
+            await self._on_reconcile(stream_id, message)
+        elif isinstance(message, Objects):
+            await self._store_send.send((stream_id, event.size, message))
+        elif isinstance(message, Ack):
+            self.info.objects_sent += len(message.ids)
+        elif isinstance(message, Credit):
+            self._credit.set()
+        elif isinstance(message, Error):
+            if stream_id == 0:
+                raise PeerGone(f"peer reported: {message.message}")
+            channel = self._replies.pop(stream_id, None)
+            if channel is not None:
+                channel.close()
+            if message.code == ErrorCode.RETRY:
+                log.debug("peer %s: stream %d: %s", self.info.address, stream_id, message.message)
+                return
+            _warn.warning(f"{self.info.address}:error", "peer %s: stream %d: %s", self.info.address, stream_id, message.message)
+            self.info.error = message.message
+        elif isinstance(message, Goodbye):
+            with trio.move_on_after(CLOSE_DEADLINE) as scope:
+                scope.shield = True
+                await self.send(Goodbye(code=int(ErrorCode.NO_ERROR)))
+            nursery.cancel_scope.cancel()
+        elif not isinstance(message, Pong):
+            await self.send(Error(code=int(ErrorCode.BAD_REQUEST), message=f"{message.TYPE.name} is not served to peers"), stream_id)
+            self.conn.close_stream(stream_id)
+
+    # ------------------------------------------------------------ reconciliation
+
+    async def _on_reconcile(self, stream_id: int, message: Reconcile) -> None:
+        try:
+            wire = reconcile.from_wire(list(message.body))
+        except reconcile.ReconcileError as exc:
+            raise RemoteProtocolError(ErrorCode.DECODE_ERROR, f"RECONCILE: {exc}") from None
+        channel = self._replies.get(stream_id)
+        if channel is not None:  # a reply in a session we started
+            await channel.send(wire)
+            return
+        responder = self._responders.get(stream_id)
+        if responder is None:
+            if not isinstance(wire, reconcile.ReconcileStart):
+                return  # a late step of a session we already dropped
+            self.node.begin_reconcile()
+            responder = self._responders[stream_id] = reconcile.Reconciler(self.node.index, initiator=False)
+        try:
+            reply = responder.receive(wire)
+        except reconcile.ReconcileStateError:
+            # Our index changed under the session; the peer retries.
+            self._end_responder(stream_id)
+            await self.send(Error(code=int(ErrorCode.RETRY), message="set changed, retry"), stream_id)
+            self.conn.close_stream(stream_id)
+            return
+        except reconcile.ReconcileError as exc:
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"RECONCILE: {exc}") from None
+        if reply is not None:
+            await self.send(Reconcile(body=tuple(reconcile.to_wire(reply))), stream_id)
+        if responder.done:
+            self._end_responder(stream_id)
+            self.conn.close_stream(stream_id)
+            await self._reconciled(responder)
+
+    def _end_responder(self, stream_id: int) -> None:
+        if self._responders.pop(stream_id, None) is not None:
+            self.node.end_reconcile()
+
+    async def _reconciled(self, reconciler: reconcile.Reconciler) -> None:
+        # The peer's own reconciler found what we lack; it pushes that.
+        if reconciler.to_send:
+            await self._push_send.send(reconciler.to_send)
+
+    async def _syncer(self) -> None:
+        while True:
+            with trio.move_on_after(self.node.config.anti_entropy_seconds):
+                await self._want_sync.wait()
+            self._want_sync = trio.Event()
+            if self.info.root == self.node.root():
+                self.node.note_sync(self.info)
+                continue
+            await self._initiate()
+
+    async def _initiate(self) -> None:
+        stream_id = self.conn.open_stream()
+        send_replies, replies = trio.open_memory_channel(1)
+        self._replies[stream_id] = send_replies
+        self.node.begin_reconcile()
+        reconciler = reconcile.Reconciler(self.node.index, initiator=True, nonce=os.urandom(16))
+        try:
+            step = reconciler.initial_message()
+            while True:
+                await self.send(Reconcile(body=tuple(reconcile.to_wire(step))), stream_id)
+                if reconciler.done:
+                    break
+                try:
+                    wire = await replies.receive()
+                except trio.EndOfChannel:
+                    self._want_sync.set()  # the peer refused (its set changed): retry
+                    await trio.sleep(0.05)
+                    return
+                try:
+                    step = reconciler.receive(wire)
+                except reconcile.ReconcileStateError:
+                    self._want_sync.set()  # our set changed: start over
+                    return
+                except reconcile.ReconcileError as exc:
+                    raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"RECONCILE: {exc}") from None
+                if step is None:
+                    break
+        finally:
+            self.node.end_reconcile()
+            self._replies.pop(stream_id, None)
+            self.conn.close_stream(stream_id)
+        await self._reconciled(reconciler)
+
+    # ------------------------------------------------------------ objects
+
+    async def _pusher(self) -> None:
+        async for ids in self._push_receive:
+            await self._push(ids)
+
+    async def _push(self, ids: Iterable[bytes]) -> None:
+        wanted = [i.hex() for i in ids]
+        limit = min(OBJECTS_BATCH_BYTES, self.conn.max_flow_message - 4096)
+        for start in range(0, len(wanted), 4096):
+            rows = await self.node.run_sync(self.node.store.parents_first, wanted[start : start + 4096])
+            stream_id = self.conn.open_stream()
+            batch: list[tuple[bytes, bytes]] = []
+            size = 0
+            for cid, data in rows:
+                if batch and size + len(data) > limit:
+                    await self.send_flow(_objects(batch, final=False), stream_id)
+                    batch, size = [], 0
+                batch.append((bytes.fromhex(cid), data))
+                size += len(data) + 40
+            await self.send_flow(_objects(batch, final=True), stream_id)
+            self.conn.close_stream(stream_id)  # ACKs still arrive; credit for it is moot
+
+    async def _storer(self) -> None:
+        async for stream_id, size, message in self._store_receive:
+            await self._store(stream_id, size, message)
+
+    async def _store(self, stream_id: int, size: int, message: Objects) -> None:
+        from sync.codec import bytes_id
+
+        bad = next((i for i, d in zip(message.ids, message.objects) if bytes_id(d) != i.hex()), None)
+        if bad is not None:
+            # Corrupted or forged: refuse the whole message, store nothing.
+            await self._release(stream_id, size)
+            await self.send(Error(code=int(ErrorCode.INVALID_OBJECT), message=f"object {bad.hex()} does not match its bytes"), stream_id)
+            self.info.error = f"peer sent object {bad.hex()[:12]} whose bytes do not match its id"
+            _warn.warning(f"{self.info.address}:invalid", "peer %s: %s", self.info.address, self.info.error)
+            self.conn.close_stream(stream_id)
+            return
+        try:
+            ids = await self.node.add_encoded(list(message.objects))
+        except (StoreError, DecodeError) as exc:
+            await self._release(stream_id, size)
+            code = ErrorCode.MISSING_BASE if isinstance(exc, MissingBase) else ErrorCode.INVALID_OBJECT
+            await self.send(Error(code=int(code), message=str(exc)[:1000]), stream_id)
+            self.conn.close_stream(stream_id)
+            return
+        self.info.objects_received += len(ids)
+        await self._release(stream_id, size)
+        await self.send(Ack(ids=tuple(bytes.fromhex(i) for i in ids)), stream_id)
+        if message.final:
+            self.conn.close_stream(stream_id)
+
+    async def _release(self, stream_id: int, size: int) -> None:
+        await self._send_raw_locked(lambda: self.conn.release(stream_id, size))
+
+    async def _send_raw_locked(self, make) -> None:
+        async with self._send_lock:
+            data = make()
+            if data:
+                await self.stream.send_all(data)
+
+    # ------------------------------------------------------------ liveness
+
+    async def _keepalive(self) -> None:
+        config = self.node.config
+        nonce = 0
+        while True:
+            with trio.move_on_after(config.ping_seconds):
+                await self._announce.wait()
+            if self._announce.is_set():
+                self._announce = trio.Event()
+                await self.send(Root(root=self.node.root(), count=len(self.node.index)))
+                self.node.note_sync(self.info)
+                continue
+            silent = trio.current_time() - self._last_heard
+            if silent > config.idle_timeout_seconds:
+                raise PeerGone(f"no word from the peer for {silent:.0f} s")
+            nonce += 1
+            await self.send(Ping(nonce=nonce))
