@@ -7,6 +7,7 @@ exit, with the store unchanged; a traceback means a bug in ctxfs.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sqlite3
 import sys
@@ -15,10 +16,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
-from daemon import security
+import trio
+
+from daemon import localapi, security
 from daemon.paths import HomePaths, resolve_home
+from daemon.status import format_status
 from sync.codec import DecodeError, atom_to_json, context_from_json, expanded_to_json
-from sync.expand import ExpanderFunctor, stream_expansion
+from sync.errors import ErrorCode
+from sync.expand import ExpanderFunctor, ExpansionChunk, stream_expansion
 from sync.model import CompressedContext, ExpandedContext, is_id, parse_type
 from sync.query import ContextQuery
 from sync.store import MissingBase, SQLiteContextStore, StoreError
@@ -28,9 +33,36 @@ from sync.store import MissingBase, SQLiteContextStore, StoreError
 MAX_PUSH_BYTES = 256 * 1024 * 1024
 # Shortest id prefix accepted where an id is asked for (git's minimum too).
 MIN_ID_PREFIX = 4
+# `status --watch` refresh period, seconds.
+WATCH_INTERVAL = 1.0
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 class CliError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
+
+
+# --------------------------------------------------------------------------
+# the running daemon, if any
+# --------------------------------------------------------------------------
+
+_NO_DAEMON = object()
+
+
+def _via_daemon(home: HomePaths, work: Callable) -> object:
+    """`await work(client)` against the daemon of this home; _NO_DAEMON if none answers.
+
+    The CLI is synchronous: each command that uses the daemon runs its own
+    trio.run for the length of that command.
+    """
+
+    async def main() -> object:
+        try:
+            async with localapi.LocalClient.connect(home) as client:
+                return await work(client)
+        except localapi.DaemonNotRunning:
+            return _NO_DAEMON
+
+    return trio.run(main)
 
 
 def _open_store(home: HomePaths) -> SQLiteContextStore:
@@ -151,12 +183,42 @@ def parse_contexts(text: str) -> list[tuple[int | None, CompressedContext]]:
     return contexts
 
 
+def _push_via_daemon(home: HomePaths, store: SQLiteContextStore, contexts: list[CompressedContext]) -> list[str] | None:
+    """Push through the running daemon so its peers learn at once; None if none runs.
+
+    The daemon commits each context on its own; to keep `push` all-or-nothing
+    the bases are checked against the store before anything is sent.
+    """
+
+    async def work(client: localapi.LocalClient) -> list[str]:
+        known: set[str] = set()
+        for ctx in contexts:
+            if ctx.base_hash is not None and ctx.base_hash not in known and not store.has(ctx.base_hash):
+                raise MissingBase(ctx.id, ctx.base_hash)
+            known.add(ctx.id)
+        ids = []
+        for ctx in contexts:
+            try:
+                ids += await client.push([ctx])
+            except localapi.LocalApiError as exc:
+                if exc.code is ErrorCode.MISSING_BASE:
+                    raise MissingBase(ctx.id, ctx.base_hash) from None
+                raise
+        return ids
+
+    ids = _via_daemon(home, work)
+    return None if ids is _NO_DAEMON else ids
+
+
 def cmd_push(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
     store = _open_store(home)
     try:
         numbered = parse_contexts(_read_input(args.file))
         try:
-            ids = store.put_many([ctx for _, ctx in numbered])
+            contexts = [ctx for _, ctx in numbered]
+            ids = _push_via_daemon(home, store, contexts)
+            if ids is None:
+                ids = store.put_many(contexts)
         except MissingBase as exc:
             line = next((n for n, ctx in numbered if ctx.id == exc.context_id), None)
             raise CliError(f"line {line}: {exc}" if line else str(exc)) from None
@@ -184,10 +246,68 @@ def _filtered(expanded: ExpandedContext, min_relevance: float, max_tokens: int |
     return ExpandedContext(atoms, expanded.molecules, expanded.expansion_path, spent, summary)
 
 
+def _print_chunk(chunk: ExpansionChunk, as_json: bool, out: TextIO) -> None:
+    if as_json:
+        print(json.dumps(chunk.to_dict(), ensure_ascii=False), file=out, flush=True)
+    else:
+        for atom in chunk.atoms:
+            print(f"[{atom.type_sig}] {atom.content}", file=out)
+        out.flush()
+
+
+def _print_expansion(cid: str, expanded: ExpandedContext, as_json: bool, out: TextIO) -> None:
+    if as_json:
+        root = localapi.atom_root(expanded.atoms).hex()
+        print(json.dumps(expanded_to_json(cid, expanded, atom_root=root), ensure_ascii=False), file=out)
+    else:
+        text = expanded.to_prompt_context()
+        if text:
+            print(text, file=out)
+
+
+def _expand_via_daemon(args: argparse.Namespace, home: HomePaths, cid: str, out: TextIO) -> bool:
+    """Print the expansion as the running daemon serves it; False if none runs."""
+
+    async def work(client: localapi.LocalClient) -> bool:
+        if args.stream:
+            chunks = client.expand_stream(
+                cid,
+                relevance_threshold=args.min_relevance,
+                chunk_size=args.chunk_size,
+                max_tokens_per_chunk=args.max_tokens or 500,
+            )
+            async with chunks:
+                async for chunk in chunks:
+                    _print_chunk(
+                        ExpansionChunk(
+                            chunk_id=chunk.chunk_id,
+                            atoms=chunk.atoms,
+                            is_final=chunk.is_final,
+                            cumulative_tokens=chunk.cumulative_tokens,
+                            expansion_progress=chunk.progress,
+                        ),
+                        args.json,
+                        out,
+                    )
+            return True
+        try:
+            response = await client.expand(cid, min_relevance=args.min_relevance, max_tokens=args.max_tokens)
+        except localapi.LocalApiError as exc:
+            if exc.code is ErrorCode.LIMIT_EXCEEDED:
+                return False  # too large for one message: read the store directly
+            raise
+        _print_expansion(cid, localapi.expanded_from_response(response), args.json, out)
+        return True
+
+    return _via_daemon(home, work) is True
+
+
 def cmd_expand(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
     store = _open_store(home)
     try:
         cid = resolve_id(store, args.id)
+        if _expand_via_daemon(args, home, cid, out):
+            return 0
         if args.stream:
             chunks = stream_expansion(
                 store,
@@ -197,23 +317,34 @@ def cmd_expand(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
                 max_tokens_per_chunk=args.max_tokens or 500,
             )
             for chunk in chunks:
-                if args.json:
-                    print(json.dumps(chunk.to_dict(), ensure_ascii=False), file=out, flush=True)
-                else:
-                    for atom in chunk.atoms:
-                        print(f"[{atom.type_sig}] {atom.content}", file=out)
-                    out.flush()
+                _print_chunk(chunk, args.json, out)
             return 0
         expanded = _filtered(ExpanderFunctor(store).expand(cid), args.min_relevance, args.max_tokens)
-        if args.json:
-            print(json.dumps(expanded_to_json(cid, expanded), ensure_ascii=False), file=out)
-        else:
-            text = expanded.to_prompt_context()
-            if text:
-                print(text, file=out)
+        _print_expansion(cid, expanded, args.json, out)
     finally:
         store.close()
     return 0
+
+
+def _query_via_daemon(home: HomePaths, cid: str, query: ContextQuery) -> list | None:
+    """The running daemon's answer to the query; None if no daemon runs (or the answer is too large)."""
+
+    async def work(client: localapi.LocalClient) -> list | None:
+        try:
+            return await client.query(
+                cid,
+                type_filter=query.type_filter,
+                min_relevance=query.min_relevance,
+                max_age_seconds=query.max_age_seconds,
+                limit=query.limit,
+            )
+        except localapi.LocalApiError as exc:
+            if exc.code is ErrorCode.LIMIT_EXCEEDED:
+                return None
+            raise
+
+    hits = _via_daemon(home, work)
+    return None if hits is _NO_DAEMON else hits
 
 
 def cmd_query(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
@@ -227,7 +358,9 @@ def cmd_query(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
     store = _open_store(home)
     try:
         cid = resolve_id(store, args.id)
-        hits = query.execute(ExpanderFunctor(store).expand(cid), datetime.now(timezone.utc))
+        hits = _query_via_daemon(home, cid, query)
+        if hits is None:
+            hits = query.execute(ExpanderFunctor(store).expand(cid), datetime.now(timezone.utc))
     finally:
         store.close()
     if args.json:
@@ -236,6 +369,71 @@ def cmd_query(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
         for atom in hits:
             print(f"{atom.relevance_score:.2f} [{atom.type_sig}] {atom.content}", file=out)
     return 0
+
+
+def cmd_status(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
+    def show(status: dict, first: bool) -> None:
+        if args.json:
+            print(json.dumps(status, ensure_ascii=False), file=out, flush=True)
+            return
+        text = format_status(status)
+        if args.watch:
+            if out.isatty():
+                out.write(CLEAR_SCREEN)
+            elif not first:
+                out.write("\n")
+        print(text, file=out, flush=True)
+
+    async def work(client: localapi.LocalClient) -> None:
+        first = True
+        while True:
+            show(await client.status(), first)
+            if not args.watch:
+                return
+            first = False
+            await trio.sleep(WATCH_INTERVAL)
+
+    try:
+        result = _via_daemon(home, work)
+    except KeyboardInterrupt:
+        if args.watch:
+            return 0  # Ctrl-C is how --watch ends
+        raise
+    if result is _NO_DAEMON:
+        raise CliError(f"no daemon is running for {home.root}")
+    return 0
+
+
+def cmd_daemon(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
+    from daemon import logs
+    from daemon.config import ConfigError, load_config
+    from daemon.node import Node, run_daemon
+
+    if not home.is_initialised():
+        # A fresh machine: `ctxfs daemon` alone must work, so make the node.
+        cmd_init(argparse.Namespace(cluster_key_file=None), home, io.StringIO())
+    try:
+        config = load_config(home.config, {
+            "listen": args.listen,
+            "peers": args.peer or None,
+            "mdns": False if args.no_mdns else None,
+            "log_json": True if args.log_json else None,
+        })
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    logs.configure(json_lines=config.log_json)
+    node_id = security.node_id(security.read_node_key(home.node_key))
+    try:
+        run_daemon(Node(paths=home, config=config, node_id=node_id))
+    except BaseExceptionGroup as group:
+        raise _first_leaf(group) from None
+    return 0
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def cmd_log(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
@@ -330,6 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-age", type=_non_negative_float, metavar="SECONDS")
     p.add_argument("--limit", type=_positive_int, metavar="N")
     p.add_argument("--json", action="store_true")
+    p = add("daemon", cmd_daemon, "run the node in the foreground until SIGINT or SIGTERM")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address for peers (default 0.0.0.0:7787; port 0 picks one)")
+    p.add_argument("--peer", metavar="HOST:PORT", action="append", help="a static peer (repeatable)")
+    p.add_argument("--no-mdns", action="store_true", help="do not discover peers through mDNS")
+    p.add_argument("--log-json", action="store_true", help="log JSON lines instead of plain lines")
+    p = add("status", cmd_status, "show this node's sync status (needs the daemon)")
+    p.add_argument("--json", action="store_true", help="one JSON object (schema 1); with --watch, one line per refresh")
+    p.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
     p = add("log", cmd_log, "print the lineage of a context, root first")
     p.add_argument("id")
     add("heads", cmd_heads, "print the ids no other context names as base")
@@ -343,20 +549,21 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     home = HomePaths(resolve_home(args.home))
     try:
         return args.func(args, home, out)
-    except (CliError, DecodeError, StoreError, security.KeyFileError) as exc:
+    except (CliError, DecodeError, StoreError, security.KeyFileError, localapi.LocalApiError,
+            localapi.DaemonAlreadyRunning) as exc:
         print(f"ctxfs: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"ctxfs:{where}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    except sqlite3.Error as exc:
-        print(f"ctxfs: store {home.store}: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # `ctxfs expand ID | head`: the reader left; that is not an error.
         sys.stderr.close()
         return 0
+    except OSError as exc:
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+        print(f"ctxfs: {message}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        print(f"ctxfs: store {home.store}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

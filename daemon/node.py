@@ -166,7 +166,7 @@ class Node:
                     "last_sync": live_info.last_sync.isoformat() if live_info.last_sync else None,
                     "objects_sent": 0,
                     "objects_received": 0,
-                    "error": None if live is not None else info.error,
+                    "error": live_info.error,
                 }
             row["objects_sent"] += info.objects_sent
             row["objects_received"] += info.objects_received
@@ -198,12 +198,14 @@ class Node:
             log.info("node %s: %d objects, root %s", self.node_id[:12], len(self.index), self.root().hex()[:12])
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                # The API socket first: a second daemon for this home stops
+                # here, before it takes a port.
+                await nursery.start(serve_local_api, self)
                 host, port = self.config.listen
                 listeners = await nursery.start(functools.partial(trio.serve_tcp, self._serve_inbound, port, host=host))
                 bound = listeners[0].socket.getsockname()
                 self.listen_address = (host, bound[1])
                 log.info("listening on %s", format_address(*self.listen_address))
-                await nursery.start(serve_local_api, self)
                 for address in self.config.peers:
                     nursery.start_soon(self._dial_forever, address, "static")
                 task_status.started(self.listen_address)

@@ -62,6 +62,21 @@ def _objects(batch: list[tuple[bytes, bytes]], *, final: bool) -> Objects:
     return Objects(ids=tuple(i for i, _ in batch), objects=tuple(d for _, d in batch), final=final)
 
 
+def _first_cause(group: BaseExceptionGroup) -> BaseException:
+    for leaf in _leaves(group):
+        if not isinstance(leaf, trio.Cancelled):
+            return leaf
+    return group
+
+
+def _leaves(exc: BaseException):
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
 class PeerGone(Exception):
     """The session ends: the message says why (for status and logs)."""
 
@@ -135,6 +150,7 @@ class PeerSession:
         self.peer_id = hello.node_id.hex()
         if self.peer_id == self.node.node_id:
             raise PeerGone("this is our own address")
+        self.info.node_id = self.peer_id
         self._register()
         self.info.state = "connected"
         self.info.error = None
@@ -143,13 +159,19 @@ class PeerSession:
         self._unwatch = self.node.watch(self._on_local_change)
         if hello.root != self.node.root():
             self._want_sync.set()
+        if self.conn.our_hello.root != self.node.root():
+            self._announce.set()  # our root moved on since our HELLO was made
         log.info("peer %s connected (%s)", self.peer_id[:12], self.info.address)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._reader, nursery)
-            nursery.start_soon(self._storer)
-            nursery.start_soon(self._syncer)
-            nursery.start_soon(self._pusher)
-            nursery.start_soon(self._keepalive)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader, nursery)
+                nursery.start_soon(self._storer)
+                nursery.start_soon(self._syncer)
+                nursery.start_soon(self._pusher)
+                nursery.start_soon(self._keepalive)
+        except BaseExceptionGroup as group:
+            # One task's failure ends the session; report that one reason.
+            raise _first_cause(group) from None
 
     def _register(self) -> None:
         """One connection per pair: when both dial, keep the smaller id's dial."""
@@ -312,6 +334,11 @@ class PeerSession:
             self.node.end_reconcile()
 
     async def _reconciled(self, reconciler: reconcile.Reconciler) -> None:
+        # The session told us the peer's root as it was then: fresher than
+        # any announce we might have missed.
+        if reconciler.peer_root is not None and not reconciler.to_request and not reconciler.to_send:
+            self.info.root = reconciler.peer_root
+            self.node.note_sync(self.info)
         # The peer's own reconciler found what we lack; it pushes that.
         if reconciler.to_send:
             await self._push_send.send(reconciler.to_send)

@@ -321,6 +321,11 @@ class Reconciler:
         return self._done
 
     @property
+    def peer_root(self) -> bytes | None:
+        """The root the peer reported for this session (None until known)."""
+        return self._peer_root or None
+
+    @property
     def to_send(self) -> frozenset[bytes]:
         return frozenset(self._to_send)
 

@@ -9,6 +9,7 @@ all-or-nothing. Ids are 64-hex strings in this API; SQLite keeps them as
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -196,6 +197,10 @@ class SQLiteContextStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if not self.path.exists():
+            # Private from the first byte: SQLite gives its -wal and -shm
+            # files the database file's mode.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -1,0 +1,107 @@
+"""Many nodes in one process over real loopback sockets: they must converge."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+
+from node_helpers import context, random_writes, start_node, wait_converged
+
+# Generous bound so a broken sync fails the test instead of hanging it; the
+# runs themselves take well under a second or two.
+CONVERGE_BOUND = 60
+
+
+async def test_a_push_reaches_the_end_of_a_chain(tmp_path):
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, tmp_path, "a")
+        b = await start_node(nursery, tmp_path, "b", peers=[a.listen_address])
+        c = await start_node(nursery, tmp_path, "c", peers=[b.listen_address])
+        await wait_converged([a, b, c])
+        [cid] = await a.add_contexts([context("pushed on a")])
+        await wait_converged([a, b, c])
+        assert await c.run_sync(c.store.has, cid)
+        status = c.status()
+        assert status["objects"] == 1 and status["root"] == a.root().hex()
+        [peer] = status["peers"]
+        assert peer["node_id"] == b.node_id and peer["in_sync"] and peer["objects_received"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_lineage_arrives_parents_first(tmp_path):
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, tmp_path, "a")
+        base = None
+        ids = []
+        for i in range(50):
+            [base] = await a.add_contexts([context(f"step {i}", base)])
+            ids.append(base)
+        b = await start_node(nursery, tmp_path, "b", peers=[a.listen_address])
+        await wait_converged([a, b])
+        assert await b.run_sync(b.store.get_lineage, ids[-1]) == ids
+        assert list(await b.run_sync(lambda: list(b.store.fsck()))) == []
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_random_writes_on_random_nodes_with_link_drops_converge(tmp_path, seed):
+    rng = random.Random(seed)
+    size = 8
+    async with trio.open_nursery() as nursery:
+        nodes = []
+        for i in range(size):
+            # Each new node dials one or two earlier ones: a connected graph.
+            earlier = [n.listen_address for n in nodes]
+            peers = rng.sample(earlier, min(len(earlier), rng.choice([1, 2])))
+            nodes.append(await start_node(nursery, tmp_path, f"n{i}", peers=peers))
+        for _round in range(3):
+            written = await random_writes(nodes, 20, rng)
+            # Cut a few live links; dialers reconnect on their own.
+            for node in rng.sample(nodes, 3):
+                for session in list(node.sessions.values())[:1]:
+                    await trio.aclose_forcefully(session.stream)
+        await wait_converged(nodes)
+        expected = set(await nodes[0].run_sync(lambda: list(nodes[0].store.ids())))
+        assert set(written) <= expected and len(expected) == 60
+        for node in nodes:
+            assert set(await node.run_sync(lambda n=node: list(n.store.ids()))) == expected
+        nursery.cancel_scope.cancel()
+
+
+async def test_both_sides_dialling_keep_one_connection(tmp_path):
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, tmp_path, "a")
+        b = await start_node(nursery, tmp_path, "b", peers=[a.listen_address])
+        # Now make a dial b as well: both directions at once.
+        nursery.start_soon(a._dial_forever, b.listen_address, "static")
+        await a.add_contexts([context("x")])
+        await wait_converged([a, b])
+        await trio.sleep(0.5)  # let the losing dial be refused
+        assert list(a.sessions) == [b.node_id] and list(b.sessions) == [a.node_id]
+        assert len(a.status()["peers"]) == 1 and a.status()["peers"][0]["state"] == "connected"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_sending_forged_objects_is_refused(tmp_path):
+    """An OBJECTS message whose id does not match its bytes stores nothing."""
+    from sync.codec import encode_context
+    from sync.messages import Objects
+
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, tmp_path, "a")
+        b = await start_node(nursery, tmp_path, "b", peers=[a.listen_address])
+        with trio.fail_after(CONVERGE_BOUND):
+            while a.node_id not in b.sessions or b.node_id not in a.sessions:
+                await trio.sleep(0.01)
+        session = b.sessions[a.node_id]
+        good = encode_context(context("genuine"))
+        forged = Objects(ids=(bytes(32),), objects=(good,), final=True)
+        await session.send_flow(forged, session.conn.open_stream())
+        with trio.fail_after(CONVERGE_BOUND):
+            while a.status()["peers"][0]["error"] is None:
+                await trio.sleep(0.01)
+        assert "do not match" in a.status()["peers"][0]["error"]
+        assert len(a.index) == 0 and await a.run_sync(len, a.store) == 0
+        nursery.cancel_scope.cancel()
