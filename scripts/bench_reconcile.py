@@ -5,9 +5,11 @@
 
 Builds two IdSets of N random ids each (from a seeded RNG) that differ in D
 ids, half missing on each side; runs one reconciliation in memory, every
-message through `to_wire` + msgpack + `from_wire`; checks that both sides end
-with exactly the difference. A message costs len(msgpack) + 10 bytes of frame
-header. `seconds` times the reconciliation alone; `build_seconds` the two sets.
+message through the real wire path: a RECONCILE message encoded by
+`sync.messages` and framed by `sync.frames`, then decoded the same way the
+daemon decodes it; checks that both sides end with exactly the difference.
+Bytes counted are the frames' bytes. `seconds` times the reconciliation
+alone; `build_seconds` the two sets.
 """
 
 from __future__ import annotations
@@ -20,14 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-import msgpack
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sync.idset import IdSet  # noqa: E402
+from sync import frames  # noqa: E402
+from sync.messages import MessageType, Reconcile, decode_payload, encode_payload  # noqa: E402
 from sync.reconcile import Reconciler, from_wire, to_wire  # noqa: E402
-
-FRAME_HEADER = 10
 GRID_N = (10_000, 100_000, 1_000_000)
 
 
@@ -54,10 +54,12 @@ def run(n: int, d: int, seed: int = 1) -> dict:
     messages = 0
     msg, sender, receiver, side = alice.initial_message(), alice, bob, "a"
     while msg is not None:
-        packed = msgpack.packb(to_wire(msg))
-        sizes[side] += len(packed) + FRAME_HEADER
+        payload = encode_payload(Reconcile(body=tuple(to_wire(msg))))
+        wire = b"".join(frames.fragment(MessageType.RECONCILE, 1, payload, frames.DEFAULT_MAX_FRAME_SIZE))
+        sizes[side] += len(wire)
         messages += 1
-        msg = receiver.receive(from_wire(msgpack.unpackb(packed)))
+        received = decode_payload(MessageType.RECONCILE, payload)
+        msg = receiver.receive(from_wire(list(received.body)))
         sender, receiver, side = receiver, sender, "b" if side == "a" else "a"
     seconds = time.perf_counter() - start
     correct = (alice.done and bob.done and alice.to_send == only_a and alice.to_request == only_b
