@@ -18,7 +18,7 @@ from typing import TextIO
 
 import trio
 
-from daemon import localapi, security
+from daemon import endpoint, localapi, security
 from daemon.paths import HomePaths, resolve_home
 from daemon.status import format_status
 from sync.codec import DecodeError, atom_to_json, context_from_json, expanded_to_json
@@ -229,23 +229,6 @@ def cmd_push(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
     return 0
 
 
-def _filtered(expanded: ExpandedContext, min_relevance: float, max_tokens: int | None) -> ExpandedContext:
-    """The expansion cut by relevance and token budget, summaries recomputed."""
-    atoms = []
-    spent = 0
-    for atom in expanded.atoms:
-        if atom.relevance_score < min_relevance:
-            continue
-        if max_tokens is not None and spent + atom.tokens > max_tokens:
-            break
-        spent += atom.tokens
-        atoms.append(atom)
-    summary: dict[str, int] = {}
-    for atom in atoms:
-        summary[str(atom.type_sig)] = summary.get(str(atom.type_sig), 0) + 1
-    return ExpandedContext(atoms, expanded.molecules, expanded.expansion_path, spent, summary)
-
-
 def _print_chunk(chunk: ExpansionChunk, as_json: bool, out: TextIO) -> None:
     if as_json:
         print(json.dumps(chunk.to_dict(), ensure_ascii=False), file=out, flush=True)
@@ -257,7 +240,7 @@ def _print_chunk(chunk: ExpansionChunk, as_json: bool, out: TextIO) -> None:
 
 def _print_expansion(cid: str, expanded: ExpandedContext, as_json: bool, out: TextIO) -> None:
     if as_json:
-        root = localapi.atom_root(expanded.atoms).hex()
+        root = endpoint.atom_root(expanded.atoms).hex()
         print(json.dumps(expanded_to_json(cid, expanded, atom_root=root), ensure_ascii=False), file=out)
     else:
         text = expanded.to_prompt_context()
@@ -296,7 +279,7 @@ def _expand_via_daemon(args: argparse.Namespace, home: HomePaths, cid: str, out:
             if exc.code is ErrorCode.LIMIT_EXCEEDED:
                 return False  # too large for one message: read the store directly
             raise
-        _print_expansion(cid, localapi.expanded_from_response(response), args.json, out)
+        _print_expansion(cid, endpoint.expanded_from_response(response), args.json, out)
         return True
 
     return _via_daemon(home, work) is True
@@ -319,7 +302,7 @@ def cmd_expand(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
             for chunk in chunks:
                 _print_chunk(chunk, args.json, out)
             return 0
-        expanded = _filtered(ExpanderFunctor(store).expand(cid), args.min_relevance, args.max_tokens)
+        expanded = endpoint.filter_expansion(ExpanderFunctor(store).expand(cid), args.min_relevance, args.max_tokens)
         _print_expansion(cid, expanded, args.json, out)
     finally:
         store.close()

@@ -187,7 +187,6 @@ class Node:
     # ------------------------------------------------------------ running
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        from daemon import peer
         from daemon.localapi import serve_local_api
 
         self.store = SQLiteContextStore(self.paths.store)

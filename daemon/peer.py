@@ -24,7 +24,7 @@ import trio
 from daemon.logs import RateLimitedLog
 from sync import reconcile
 from sync.connection import NEED_DATA, Connection, ConnectionClosed, Received
-from sync.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from sync.errors import ErrorCode, RemoteProtocolError
 from sync.messages import (
     Ack,
     Credit,

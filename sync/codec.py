@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
-from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 

@@ -9,7 +9,6 @@ from datetime import datetime, timedelta, timezone
 import attrs
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from helpers import SOURCE, T0, atom, molecule, root, types
 from sync.model import (

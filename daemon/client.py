@@ -1,0 +1,408 @@
+"""The local API client: what AI tools import to talk to a running daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from daemon.paths import HomePaths
+from sync import frames
+from sync.codec import encode_context
+from sync.connection import Connection, ConnectionClosed, Received, State
+from sync.errors import ErrorCode, RemoteProtocolError, error_code_from_wire
+from sync.flow import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
+from sync.messages import (
+    FLOW_CONTROLLED,
+    MAGIC,
+    PROTOCOL_VERSIONS,
+    Ack,
+    Credit,
+    Error,
+    ExpandRequest,
+    ExpandResponse,
+    Goodbye,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    PushContext,
+    QueryRequest,
+    QueryResponse,
+    StatusRequest,
+    StatusResponse,
+    StreamChunk,
+    StreamEnd,
+    StreamRequest,
+    encode_payload,
+)
+from sync.model import MemoryAtom, TypeSignature, check_id
+
+from daemon.endpoint import (
+    CLIENT_NODE_ID,
+    CLOSE_TIMEOUT,
+    ConnectionLost,
+    DaemonNotRunning,
+    HELLO_TIMEOUT,
+    LocalApiError,
+    _Endpoint,
+    _socket_path,
+    _sole,
+    atom_root,
+)
+
+# --------------------------------------------------------------------------
+# the client
+# --------------------------------------------------------------------------
+
+
+class _Inbox:
+    """What arrived on one stream, for its one consumer.
+
+    Not a bounded channel on purpose: the reader must never block on one
+    stream (CREDITs for the others arrive behind it). Flow-controlled items
+    are bounded by the stream window, which the Connection enforces; the
+    others are one final answer per request.
+    """
+
+    def __init__(self) -> None:
+        self.items: deque[Received] = deque()
+        self._wakeup = trio.Event()
+        self._error: LocalApiError | None = None
+
+    def put(self, item: Received) -> None:
+        self.items.append(item)
+        self._wakeup.set()
+
+    def fail(self, error: LocalApiError) -> None:
+        self._error = error
+        self._wakeup.set()
+
+    async def get(self) -> Received:
+        while not self.items:
+            if self._error is not None:
+                raise self._error
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+        return self.items.popleft()
+
+
+def _expect(received: Received, cls: type) -> Any:
+    message = received.message
+    if isinstance(message, Error):
+        raise LocalApiError(message.code, message.message)
+    if not isinstance(message, cls):
+        raise LocalApiError(ErrorCode.PROTOCOL_ERROR, f"the daemon answered {message.TYPE.name}, not {cls.TYPE.name}")
+    return message
+
+
+class LocalClient(_Endpoint):
+    """A client of a running daemon's local API.
+
+        async with LocalClient.connect(HomePaths(home)) as client:
+            ids = await client.push([ctx])
+            async for chunk in client.expand_stream(ids[0]): ...
+
+    Raises DaemonNotRunning when nobody answers on the socket; requests the
+    daemon refuses raise LocalApiError(code, message).
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        stream_window: int = DEFAULT_STREAM_WINDOW,
+        connection_window: int = DEFAULT_CONNECTION_WINDOW,
+    ) -> None:
+        hello = Hello(
+            magic=MAGIC,
+            versions=PROTOCOL_VERSIONS,
+            node_id=CLIENT_NODE_ID,
+            max_frame_size=frames.DEFAULT_MAX_FRAME_SIZE,
+            stream_window=stream_window,
+            connection_window=connection_window,
+            root=bytes(32),
+            count=0,
+        )
+        super().__init__(stream, Connection(hello=hello, dialer=True))
+        self.server_hello: Hello | None = None
+        self._inboxes: dict[int, _Inbox] = {}
+        self._reader_done = trio.Event()
+        self._closing = False
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(
+        cls,
+        home: HomePaths | str | os.PathLike,
+        *,
+        stream_window: int = DEFAULT_STREAM_WINDOW,
+        connection_window: int = DEFAULT_CONNECTION_WINDOW,
+    ) -> AsyncIterator[LocalClient]:
+        paths = home if isinstance(home, HomePaths) else HomePaths(Path(home))
+        path = _socket_path(paths)
+        try:
+            stream = await trio.open_unix_socket(path)
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            raise DaemonNotRunning(f"no daemon is running for {paths.root}") from None
+        client = cls(stream, stream_window=stream_window, connection_window=connection_window)
+        try:
+            with trio.fail_after(HELLO_TIMEOUT):
+                await client._handshake()
+        except trio.TooSlowError:
+            await trio.aclose_forcefully(stream)
+            raise ConnectionLost(ErrorCode.INTERNAL, f"the daemon for {paths.root} did not answer within {HELLO_TIMEOUT} s") from None
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client._read_responses)
+                nursery.start_soon(client._flush_forever)
+                try:
+                    yield client
+                finally:
+                    await client.aclose()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _sole(group) from None
+
+    async def _handshake(self) -> None:
+        try:
+            async with self._send_lock:
+                await self._write(self.conn.start())
+            event = await self.next_event()
+        except RemoteProtocolError as exc:
+            raise ConnectionLost(exc.code, f"the daemon does not speak this protocol: {exc.message}") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            event = None
+        if not isinstance(event, Received):
+            raise ConnectionLost(ErrorCode.INTERNAL, "the daemon closed the connection before its HELLO")
+        self.server_hello = event.message
+
+    async def _read_responses(self) -> None:
+        error = ConnectionLost(ErrorCode.INTERNAL, "the daemon closed the connection")
+        try:
+            while True:
+                event = await self.next_event()
+                if isinstance(event, ConnectionClosed):
+                    break
+                message, stream_id = event.message, event.stream_id
+                if isinstance(message, Credit):
+                    self._credit_arrived()
+                elif isinstance(message, Ping):
+                    with contextlib.suppress(LocalApiError):
+                        self.send_nowait(Pong(nonce=message.nonce))
+                elif isinstance(message, Pong):
+                    pass
+                elif isinstance(message, Goodbye):
+                    reason = message.reason or error_code_from_wire(message.code).name
+                    error = ConnectionLost(message.code, f"the daemon closed the connection: {reason}")
+                    self._fail_all(error)
+                    if self.conn.state is State.REMOTE_CLOSING:
+                        self._queue(self.conn.send(Goodbye(code=int(ErrorCode.NO_ERROR)), 0))
+                elif stream_id == 0:
+                    if isinstance(message, Error):
+                        error = ConnectionLost(message.code, f"the daemon ended the connection: {message.message}")
+                    else:
+                        error = ConnectionLost(ErrorCode.PROTOCOL_ERROR, f"the daemon sent {message.TYPE.name} on stream 0")
+                    break
+                else:
+                    # No inbox: the answer to a request its caller gave up
+                    # on. (Flow-controlled data for it never gets here: the
+                    # Connection drops it and credits it back.)
+                    inbox = self._inboxes.get(stream_id)
+                    if inbox is not None:
+                        inbox.put(event)
+        except RemoteProtocolError as exc:
+            error = ConnectionLost(exc.code, f"the daemon broke the protocol: {exc.message}")
+            await self._send_failure(exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionLost):
+            pass
+        finally:
+            self._fail_all(error)
+            self._reader_done.set()
+
+    def _on_broken(self) -> None:
+        self._fail_all(ConnectionLost(ErrorCode.INTERNAL, "the connection to the daemon broke while sending"))
+
+    def _fail_all(self, error: LocalApiError) -> None:
+        if self._lost is None:
+            self._lost = error
+        for inbox in self._inboxes.values():
+            inbox.fail(self._lost)
+        self._credit_arrived()  # flow waiters look at _lost
+
+    async def aclose(self) -> None:
+        """Say GOODBYE (shielded, short deadline) and close. Safe to repeat."""
+        if self._closing:
+            return
+        self._closing = True
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            if self._lost is None and self.conn.state is State.OPEN:
+                await self._send_goodbye(ErrorCode.NO_ERROR)
+                await self._reader_done.wait()
+        self._fail_all(ConnectionLost(ErrorCode.INTERNAL, "the client is closed"))
+        await trio.aclose_forcefully(self.stream)
+
+    # ------------------------------------------------------------ requests
+
+    def _open(self) -> tuple[int, _Inbox]:
+        if self._closing:
+            raise ConnectionLost(ErrorCode.INTERNAL, "the client is closed")
+        self._check_open()
+        stream_id = self.conn.open_stream()
+        inbox = self._inboxes[stream_id] = _Inbox()
+        return stream_id, inbox
+
+    def _forget(self, stream_id: int) -> None:
+        self._inboxes.pop(stream_id, None)
+        self.conn.close_stream(stream_id)
+
+    async def _call(self, message: Message, answer: type) -> Any:
+        stream_id, inbox = self._open()
+        try:
+            await self.send(message, stream_id)
+            return _expect(await inbox.get(), answer)
+        finally:
+            self._forget(stream_id)
+
+    async def push(self, contexts: Sequence[Any]) -> list[str]:
+        """Store contexts through the daemon, in order; each is committed before the next is sent."""
+        ids = []
+        for context in contexts:
+            message = PushContext(context=encode_context(context))
+            stream_id, inbox = self._open()
+            try:
+                await self.send_flow([(message, len(encode_payload(message)))], stream_id)
+                ack = _expect(await inbox.get(), Ack)
+            finally:
+                self._forget(stream_id)
+            if [i.hex() for i in ack.ids] != [context.id]:
+                raise LocalApiError(ErrorCode.INTERNAL, f"the daemon acknowledged {[i.hex() for i in ack.ids]}, not {context.id}")
+            ids.append(context.id)
+        return ids
+
+    async def expand(self, context_id: str, *, min_relevance: float = 0.0, max_tokens: int | None = None) -> ExpandResponse:
+        request = ExpandRequest(id=bytes.fromhex(check_id(context_id, "context id")), min_relevance=min_relevance, max_tokens=max_tokens)
+        response = await self._call(request, ExpandResponse)
+        if atom_root(response.atoms) != response.atom_root:
+            raise LocalApiError(ErrorCode.INVALID_OBJECT, "the expansion does not match its atom_root")
+        return response
+
+    def expand_stream(
+        self,
+        context_id: str,
+        *,
+        relevance_threshold: float = 0.0,
+        chunk_size: int = 10,
+        max_tokens_per_chunk: int = 500,
+    ) -> ChunkStream:
+        """The lazy expansion, chunk by chunk: `async for chunk in client.expand_stream(id)`.
+
+        Credit for a chunk goes back when the next one is asked for, so the
+        daemon runs at most a window ahead of the consumer. Leaving early:
+        use `async with` (or call aclose()) so the daemon stops producing.
+        """
+        request = StreamRequest(
+            id=bytes.fromhex(check_id(context_id, "context id")),
+            relevance_threshold=relevance_threshold,
+            chunk_size=chunk_size,
+            max_tokens_per_chunk=max_tokens_per_chunk,
+        )
+        return ChunkStream(self, request)
+
+    async def query(
+        self,
+        context_id: str,
+        *,
+        type_filter: TypeSignature | None = None,
+        min_relevance: float = 0.0,
+        max_age_seconds: float | None = None,
+        limit: int | None = None,
+    ) -> list[MemoryAtom]:
+        request = QueryRequest(
+            id=bytes.fromhex(check_id(context_id, "context id")),
+            type_filter=type_filter,
+            min_relevance=min_relevance,
+            max_age_seconds=max_age_seconds,
+            limit=limit,
+        )
+        return list((await self._call(request, QueryResponse)).atoms)
+
+    async def status(self) -> dict:
+        return (await self._call(StatusRequest(), StatusResponse)).status
+
+    async def ping(self, nonce: int = 0) -> None:
+        await self.send(Ping(nonce=nonce))
+
+
+class ChunkStream:
+    """An async iterator of StreamChunk; also an async context manager."""
+
+    def __init__(self, client: LocalClient, request: StreamRequest) -> None:
+        self._client = client
+        self._request = request
+        self._stream_id: int | None = None
+        self._inbox: _Inbox | None = None
+        self._held = 0  # bytes of the chunk the consumer holds, not yet released
+        self._done = False
+
+    def __aiter__(self) -> ChunkStream:
+        return self
+
+    async def __aenter__(self) -> ChunkStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def __anext__(self) -> StreamChunk:
+        if self._done:
+            raise StopAsyncIteration
+        client = self._client
+        if self._stream_id is None:
+            self._stream_id, self._inbox = client._open()
+            await client.send(self._request, self._stream_id)
+        if self._held:
+            held, self._held = self._held, 0
+            await client.release(self._stream_id, held)
+        received = await self._inbox.get()
+        if isinstance(received.message, StreamChunk):
+            self._held = received.size
+            return received.message
+        self._done = True
+        client._forget(self._stream_id)
+        if isinstance(received.message, StreamEnd):
+            raise StopAsyncIteration
+        _expect(received, StreamEnd)
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        """Stop early: tell the daemon, and free the window of unread chunks."""
+        if self._done:
+            return
+        self._done = True
+        if self._stream_id is None:
+            return
+        client = self._client
+        try:
+            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                with contextlib.suppress(LocalApiError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    await client.send(Error(code=int(ErrorCode.NO_ERROR), message="cancelled"), self._stream_id)
+        finally:
+            # Chunks already here are released now (no await between the
+            # count and the close); those still on their way are dropped
+            # and credited back by the Connection.
+            unread = self._held + sum(r.size for r in self._inbox.items if r.message.TYPE in FLOW_CONTROLLED)
+            client._forget(self._stream_id)
+            if unread:
+                with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                    with contextlib.suppress(LocalApiError, trio.BrokenResourceError, trio.ClosedResourceError):
+                        await client.release(self._stream_id, unread)
+
