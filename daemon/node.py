@@ -65,7 +65,7 @@ class Node:
         self.sessions: dict[str, Any] = {}  # connected PeerSession by peer node id
         self._store_limiter = trio.CapacityLimiter(1)
         self._reconciling = 0
-        self._pending_ids: list[bytes] = []
+        self._pending_ids: set[bytes] = set()  # stored, not yet in the index
         self._pending_since = 0.0
         self._watchers: set[Callable[[], None]] = set()
         self._nursery: trio.Nursery | None = None
@@ -83,14 +83,21 @@ class Node:
     async def add_encoded(self, blobs: Sequence[bytes]) -> list[str]:
         """Verify and store canonical bytes all-or-nothing; announce a new root."""
         ids = await self.run_sync(self.store.put_encoded, blobs)
-        self._pending_ids.extend(bytes.fromhex(i) for i in ids)
+        self._pending_ids.update(bytes.fromhex(i) for i in ids)
         stale = trio.current_time() - self._pending_since > MAX_INDEX_DELAY
         if not self._reconciling or stale:
             self._apply_pending()
         return ids
 
+    async def _apply_stale_ids(self) -> None:
+        """New ids never wait on reconciliations for longer than MAX_INDEX_DELAY."""
+        while True:
+            await trio.sleep(MAX_INDEX_DELAY / 2)
+            if self._pending_ids and trio.current_time() - self._pending_since > MAX_INDEX_DELAY:
+                self._apply_pending()
+
     def _apply_pending(self) -> None:
-        pending, self._pending_ids = self._pending_ids, []
+        pending, self._pending_ids = self._pending_ids, set()
         self._pending_since = trio.current_time()
         if pending and self.index.add_many(pending):
             self._root_changed()
@@ -110,6 +117,10 @@ class Node:
 
     def root(self) -> bytes:
         return self.index.root()
+
+    def holds(self, context_id: bytes) -> bool:
+        """Stored here (in the index, or committed and waiting to enter it)."""
+        return context_id in self.index or context_id in self._pending_ids
 
     # ------------------------------------------------------------ change notification
 
@@ -194,12 +205,12 @@ class Node:
         try:
             ids = await self.run_sync(lambda: [bytes.fromhex(i) for i in self.store.ids()])
             self.index = IdSet(ids)
-            log.info("node %s: %d objects, root %s", self.node_id[:12], len(self.index), self.root().hex()[:12])
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 # The API socket first: a second daemon for this home stops
                 # here, before it takes a port.
                 await nursery.start(serve_local_api, self)
+                log.info("node %s: %d objects, root %s", self.node_id[:12], len(self.index), self.root().hex()[:12])
                 host, port = self.config.listen
                 listeners = await nursery.start(functools.partial(trio.serve_tcp, self._serve_inbound, port, host=host))
                 bound = listeners[0].socket.getsockname()
@@ -207,6 +218,7 @@ class Node:
                 log.info("listening on %s", format_address(*self.listen_address))
                 for address in self.config.peers:
                     nursery.start_soon(self._dial_forever, address, "static")
+                nursery.start_soon(self._apply_stale_ids)
                 task_status.started(self.listen_address)
         finally:
             await self._close_store()

@@ -10,11 +10,19 @@ Tasks of a session, all in its own nursery:
              never more than the peer's credit allows
   keepalive  PINGs an idle link, announces our root when it changes, drops
              a peer that has been silent too long
-Every send goes through one lock, so frames of different tasks never mix.
+  writer     the only task that writes to the socket: control frames first
+             (CREDIT, ACK, PONG, reconciliation), then one bulk message at a time
+No task but the writer ever waits on the socket's send side, and the reader
+never waits at all except for bytes: if it did, two nodes pushing to each
+other could each stop reading while their writers wait for the other to
+read. Control frames are small and their backlog is capped; received
+OBJECTS are bounded by our flow-control window.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
 from collections.abc import Iterable
@@ -49,11 +57,15 @@ _warn = RateLimitedLog(log)
 # per-message commit (one SQLite transaction + fsync), small enough that
 # credit comes back often. Never above the peer's max flow message.
 OBJECTS_BATCH_BYTES = 1024 * 1024
-# Received OBJECTS waiting for the storer. Flow control bounds their bytes;
-# this bounds their count.
-STORE_QUEUE = 16
+# Control frames queued while the peer reads nothing. Honest use stays far
+# below this (a CREDIT is 16 bytes, an ACK of 4096 ids 128 KiB); a peer that
+# stops reading for good is dropped rather than buffered for.
+MAX_CONTROL_BACKLOG = 4 * 1024 * 1024
 # Reconciliation jobs (id sets) waiting for the pusher.
 PUSH_QUEUE = 4
+# A reconciliation step from the peer takes milliseconds; one that has not
+# come in this long is lost (the session is dropped and tried again).
+RECONCILE_STEP_TIMEOUT = 30.0
 # How long GOODBYE may take on the way out.
 CLOSE_DEADLINE = 1.0
 
@@ -116,14 +128,27 @@ class PeerSession:
         self.dialer = dialer
         self.conn = Connection(hello=node.hello(), dialer=dialer)
         self.peer_id: str | None = None
-        self._send_lock = trio.Lock()
+        self._control: collections.deque[bytes] = collections.deque()
+        self._control_bytes = 0
+        self._bulk: tuple[bytes, trio.Event] | None = None
+        self._bulk_free = trio.Event()
+        self._writer_wake = trio.Event()
+        self._writer_idle = trio.Event()
+        self._torn_write = False  # a write was cut off: the stream is unusable
         self._credit = trio.Event()
         self._want_sync = trio.Event()
         self._announce = trio.Event()
         self._last_heard = trio.current_time()
         self._replies: dict[int, trio.MemorySendChannel] = {}  # our reconcile streams
         self._responders: dict[int, reconcile.Reconciler] = {}
-        self._store_send, self._store_receive = trio.open_memory_channel(STORE_QUEUE)
+        # Ids pushed (or queued to push) and not yet acknowledged: a second
+        # reconciliation while a push is under way must not send them again.
+        self._unacked: set[bytes] = set()
+        self._pushing: dict[int, set[bytes]] = {}  # our push streams -> their unacked ids
+        # Received OBJECTS for the storer. Not a bounded channel: the reader
+        # must never block; their bytes are bounded by our receive window.
+        self._received: collections.deque[tuple[int, int, Objects]] = collections.deque()
+        self._received_wake = trio.Event()
         self._push_send, self._push_receive = trio.open_memory_channel(PUSH_QUEUE)
         self._unwatch = None
         self._registered = False
@@ -137,14 +162,17 @@ class PeerSession:
                 await self._run()
             except trio.Cancelled:
                 # Shutdown (or replacement): say GOODBYE, briefly, then go.
+                # Every task of the session is gone, so writing here is safe.
                 with trio.move_on_after(CLOSE_DEADLINE) as scope:
                     scope.shield = True
-                    if self.conn.state.value == "open":
-                        await self.send(Goodbye(code=int(ErrorCode.SHUTTING_DOWN), reason="node stopping"))
+                    if self.conn.state.value == "open" and not self._torn_write:
+                        goodbye = self.conn.send(Goodbye(code=int(ErrorCode.SHUTTING_DOWN), reason="node stopping"))
+                        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                            await self.stream.send_all(goodbye)
                 raise
 
     async def _run(self) -> None:
-        await self._send_raw(self.conn.start())
+        await self.stream.send_all(self.conn.start())  # before any task exists
         with trio.fail_after(self.node.config.hello_timeout_seconds):
             hello = await self._receive_hello()
         self.peer_id = hello.node_id.hex()
@@ -164,6 +192,7 @@ class PeerSession:
         log.info("peer %s connected (%s)", self.peer_id[:12], self.info.address)
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
                 nursery.start_soon(self._reader, nursery)
                 nursery.start_soon(self._storer)
                 nursery.start_soon(self._syncer)
@@ -208,23 +237,57 @@ class PeerSession:
 
     # ------------------------------------------------------------ sending
 
-    async def _send_raw(self, data: bytes) -> None:
-        if data:
-            async with self._send_lock:
-                await self.stream.send_all(data)
+    def _queue(self, data: bytes) -> None:
+        """Hand control bytes to the writer; never blocks."""
+        if not data:
+            return
+        self._control.append(data)
+        self._control_bytes += len(data)
+        if self._control_bytes > MAX_CONTROL_BACKLOG:
+            raise PeerGone("the peer stopped reading")
+        self._writer_wake.set()
 
     async def send(self, message: Message, stream_id: int = 0) -> None:
-        async with self._send_lock:
-            data = self.conn.send(message, stream_id)
-            await self.stream.send_all(data)
+        """Queue a control message (anything not flow-controlled)."""
+        self._queue(self.conn.send(message, stream_id))
+        await trio.lowlevel.checkpoint()
 
     async def send_flow(self, message: Message, stream_id: int) -> None:
-        """Send a flow-controlled message once the peer's credit allows it."""
+        """Send a flow-controlled message once the peer's credit allows it,
+        returning when the writer has written it (one bulk message at a time)."""
         size = len(encode_payload(message))
         while self.conn.send_capacity(stream_id) < size:
             self._credit = trio.Event() if self._credit.is_set() else self._credit
             await self._credit.wait()
-        await self.send(message, stream_id)
+        while self._bulk is not None:
+            await self._bulk_free.wait()
+        written = trio.Event()
+        self._bulk = (self.conn.send(message, stream_id), written)
+        self._writer_wake.set()
+        await written.wait()
+
+    async def _writer(self) -> None:
+        while True:
+            bulk = False
+            if self._control:
+                data = self._control.popleft()
+                self._control_bytes -= len(data)
+            elif self._bulk is not None:
+                data, bulk = self._bulk[0], True
+            else:
+                self._writer_idle.set()
+                self._writer_wake = trio.Event()
+                await self._writer_wake.wait()
+                self._writer_idle = trio.Event()
+                continue
+            self._torn_write = True
+            await self.stream.send_all(data)
+            self._torn_write = False
+            if bulk:
+                self._bulk[1].set()
+                self._bulk = None
+                self._bulk_free.set()
+                self._bulk_free = trio.Event()
 
     # ------------------------------------------------------------ receiving
 
@@ -247,7 +310,7 @@ class PeerSession:
         while True:
             event = self.conn.next_event()
             if event is NEED_DATA:
-                await self._send_raw_locked(self.conn.take_credit)
+                self._queue(self.conn.take_credit())
                 data = await self._receive_some()
                 self.conn.receive_data(data)
                 continue
@@ -270,9 +333,16 @@ class PeerSession:
         elif isinstance(message, Reconcile):
             await self._on_reconcile(stream_id, message)
         elif isinstance(message, Objects):
-            await self._store_send.send((stream_id, event.size, message))
+            self._received.append((stream_id, event.size, message))
+            self._received_wake.set()
         elif isinstance(message, Ack):
             self.info.objects_sent += len(message.ids)
+            self._unacked.difference_update(message.ids)
+            pending = self._pushing.get(stream_id)
+            if pending is not None:
+                pending.difference_update(message.ids)
+                if not pending:
+                    del self._pushing[stream_id]
         elif isinstance(message, Credit):
             self._credit.set()
         elif isinstance(message, Error):
@@ -281,15 +351,18 @@ class PeerSession:
             channel = self._replies.pop(stream_id, None)
             if channel is not None:
                 channel.close()
+            self._end_responder(stream_id)  # the initiator gave up on its session
+            # A refused push: those ids go back to "not sent", for the next round.
+            self._unacked -= self._pushing.pop(stream_id, set())
             if message.code == ErrorCode.RETRY:
                 log.debug("peer %s: stream %d: %s", self.info.address, stream_id, message.message)
                 return
             _warn.warning(f"{self.info.address}:error", "peer %s: stream %d: %s", self.info.address, stream_id, message.message)
             self.info.error = message.message
         elif isinstance(message, Goodbye):
-            with trio.move_on_after(CLOSE_DEADLINE) as scope:
-                scope.shield = True
-                await self.send(Goodbye(code=int(ErrorCode.NO_ERROR)))
+            await self.send(Goodbye(code=int(ErrorCode.NO_ERROR)))
+            with trio.move_on_after(CLOSE_DEADLINE):
+                await self._writer_idle.wait()  # let our GOODBYE out
             nursery.cancel_scope.cancel()
         elif not isinstance(message, Pong):
             await self.send(Error(code=int(ErrorCode.BAD_REQUEST), message=f"{message.TYPE.name} is not served to peers"), stream_id)
@@ -340,8 +413,10 @@ class PeerSession:
             self.info.root = reconciler.peer_root
             self.node.note_sync(self.info)
         # The peer's own reconciler found what we lack; it pushes that.
-        if reconciler.to_send:
-            await self._push_send.send(reconciler.to_send)
+        fresh = reconciler.to_send - self._unacked
+        if fresh:
+            self._unacked |= fresh
+            await self._push_send.send(fresh)
 
     async def _syncer(self) -> None:
         while True:
@@ -365,16 +440,22 @@ class PeerSession:
                 await self.send(Reconcile(body=tuple(reconcile.to_wire(step))), stream_id)
                 if reconciler.done:
                     break
-                try:
-                    wire = await replies.receive()
-                except trio.EndOfChannel:
-                    self._want_sync.set()  # the peer refused (its set changed): retry
+                wire = None
+                with trio.move_on_after(RECONCILE_STEP_TIMEOUT):
+                    try:
+                        wire = await replies.receive()
+                    except trio.EndOfChannel:
+                        pass  # the peer refused (its set changed)
+                if wire is None:
+                    self._want_sync.set()
                     await trio.sleep(0.05)
                     return
                 try:
                     step = reconciler.receive(wire)
                 except reconcile.ReconcileStateError:
-                    self._want_sync.set()  # our set changed: start over
+                    # Our set changed: tell the peer to drop its side, start over.
+                    await self.send(Error(code=int(ErrorCode.RETRY), message="set changed, retry"), stream_id)
+                    self._want_sync.set()
                     return
                 except reconcile.ReconcileError as exc:
                     raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"RECONCILE: {exc}") from None
@@ -398,6 +479,7 @@ class PeerSession:
         for start in range(0, len(wanted), 4096):
             rows = await self.node.run_sync(self.node.store.parents_first, wanted[start : start + 4096])
             stream_id = self.conn.open_stream()
+            self._pushing[stream_id] = {bytes.fromhex(cid) for cid, _ in rows}
             batch: list[tuple[bytes, bytes]] = []
             size = 0
             for cid, data in rows:
@@ -410,8 +492,11 @@ class PeerSession:
             self.conn.close_stream(stream_id)  # ACKs still arrive; credit for it is moot
 
     async def _storer(self) -> None:
-        async for stream_id, size, message in self._store_receive:
-            await self._store(stream_id, size, message)
+        while True:
+            while not self._received:
+                self._received_wake = trio.Event()
+                await self._received_wake.wait()
+            await self._store(*self._received.popleft())
 
     async def _store(self, stream_id: int, size: int, message: Objects) -> None:
         from sync.codec import bytes_id
@@ -425,6 +510,7 @@ class PeerSession:
             _warn.warning(f"{self.info.address}:invalid", "peer %s: %s", self.info.address, self.info.error)
             self.conn.close_stream(stream_id)
             return
+        fresh = sum(1 for i in set(message.ids) if not self.node.holds(i))
         try:
             ids = await self.node.add_encoded(list(message.objects))
         except (StoreError, DecodeError) as exc:
@@ -433,20 +519,15 @@ class PeerSession:
             await self.send(Error(code=int(code), message=str(exc)[:1000]), stream_id)
             self.conn.close_stream(stream_id)
             return
-        self.info.objects_received += len(ids)
+        self.info.objects_received += fresh
         await self._release(stream_id, size)
         await self.send(Ack(ids=tuple(bytes.fromhex(i) for i in ids)), stream_id)
         if message.final:
             self.conn.close_stream(stream_id)
 
     async def _release(self, stream_id: int, size: int) -> None:
-        await self._send_raw_locked(lambda: self.conn.release(stream_id, size))
-
-    async def _send_raw_locked(self, make) -> None:
-        async with self._send_lock:
-            data = make()
-            if data:
-                await self.stream.send_all(data)
+        self._queue(self.conn.release(stream_id, size))
+        await trio.lowlevel.checkpoint()
 
     # ------------------------------------------------------------ liveness
 

@@ -105,3 +105,23 @@ async def test_a_peer_sending_forged_objects_is_refused(tmp_path):
         assert "do not match" in a.status()["peers"][0]["error"]
         assert len(a.index) == 0 and await a.run_sync(len, a.store) == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_two_nodes_pushing_bulk_to_each_other_do_not_deadlock(tmp_path):
+    """Both sides push megabytes at once: neither reader may stop reading
+    while its writer waits for the other side to read."""
+    rng = random.Random(5)
+
+    def big(tag: str, i: int):
+        text = " ".join(f"{tag}{i}w{rng.getrandbits(32):x}" for _ in range(40_000))  # ~600 KB
+        return context(text)
+
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, tmp_path, "a", ping_seconds=0.2)
+        await a.add_contexts([big("a", i) for i in range(20)])
+        b = await start_node(nursery, tmp_path, "b", ping_seconds=0.2)
+        await b.add_contexts([big("b", i) for i in range(20)])
+        nursery.start_soon(b._dial_forever, a.listen_address, "static")
+        await wait_converged([a, b], bound=120)
+        assert len(a.index) == len(b.index) == 40
+        nursery.cancel_scope.cancel()
