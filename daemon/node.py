@@ -19,6 +19,7 @@ import attrs
 import trio
 
 from daemon.config import NodeConfig, format_address
+from daemon.logs import RateLimitedLog
 from daemon.paths import HomePaths
 from sync.codec import encode_context
 from sync.expand import ExpanderFunctor
@@ -28,6 +29,7 @@ from sync.model import CompressedContext
 from sync.store import SQLiteContextStore
 
 log = logging.getLogger(__name__)
+_refusals = RateLimitedLog(log)
 T = TypeVar("T")
 
 STATUS_SCHEMA = 1
@@ -200,6 +202,13 @@ class Node:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         from daemon.localapi import serve_local_api
 
+        from daemon import security, tls
+
+        identity = security.load_identity(self.paths)
+        if identity.node_id != self.node_id:
+            raise security.KeyFileError(f"{self.paths.node_key} holds node {identity.node_id[:12]}, not {self.node_id[:12]}")
+        self._server_tls = tls.server_context(identity)
+        self._client_tls = tls.client_context(identity)
         self.store = SQLiteContextStore(self.paths.store)
         self.expander = ExpanderFunctor(self.store)
         try:
@@ -229,18 +238,31 @@ class Node:
                 await self.run_sync(self.store.close)
 
     async def _serve_inbound(self, stream: trio.SocketStream) -> None:
+        """A peer dialled us: TLS first; a non-member never reaches the protocol."""
+        from daemon import tls
         from daemon.peer import run_session
 
         try:
             host, port = stream.socket.getpeername()[:2]
         except OSError:
             return
-        info = PeerInfo(address=format_address(host, port), source="inbound")
-        await run_session(self, stream, info, dialer=False)
+        address = format_address(host, port)
+        try:
+            with trio.fail_after(self.config.hello_timeout_seconds):
+                secure = await tls.wrap_server(stream, self._server_tls)
+        except tls.NotAMember as exc:
+            _refusals.warning(host, "refused %s: %s", address, exc.message)
+            return
+        except (trio.BrokenResourceError, trio.TooSlowError, OSError):
+            return
+        info = PeerInfo(address=address, source="inbound")
+        await run_session(self, secure, info, dialer=False)
 
     async def _dial_forever(self, address: tuple[str, int], source: str) -> None:
         """Keep one connection to a static peer, reconnecting with capped backoff."""
         from daemon.peer import run_session
+
+        from daemon import tls
 
         key = format_address(*address)
         info = self.peers.setdefault(key, PeerInfo(address=key, source=source))
@@ -251,9 +273,13 @@ class Node:
             try:
                 with trio.fail_after(self.config.hello_timeout_seconds):
                     stream = await trio.open_tcp_stream(*address)
+                    stream = await tls.wrap_client(stream, self._client_tls)
                 connected = True
                 await run_session(self, stream, info, dialer=True)
-            except (OSError, trio.TooSlowError) as exc:
+            except tls.NotAMember as exc:
+                info.error = exc.message
+                _refusals.warning(key, "peer %s: %s", key, exc.message)
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
                 info.error = f"cannot connect: {getattr(exc, 'strerror', None) or type(exc).__name__}"
             info.state = "disconnected"
             if connected and info.error is None:

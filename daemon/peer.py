@@ -29,6 +29,7 @@ from collections.abc import Iterable
 
 import trio
 
+from daemon import tls
 from daemon.logs import RateLimitedLog
 from sync import reconcile
 from sync.connection import NEED_DATA, Connection, ConnectionClosed, Received
@@ -113,7 +114,11 @@ async def run_session(node, stream: trio.abc.Stream, info, *, dialer: bool) -> N
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        info.error = f"connection lost: {exc}" if str(exc) else "connection lost"
+        refused = tls.refusal(exc)
+        if refused is not None:
+            info.error = refused.message
+        else:
+            info.error = f"connection lost: {exc}" if str(exc) else "connection lost"
     finally:
         session.detach()
         with trio.CancelScope(shield=True):
@@ -176,6 +181,11 @@ class PeerSession:
         with trio.fail_after(self.node.config.hello_timeout_seconds):
             hello = await self._receive_hello()
         self.peer_id = hello.node_id.hex()
+        if isinstance(self.stream, trio.SSLStream):
+            # The id that counts is the one the peer proved in TLS.
+            proven = tls.peer_node_id(self.stream)
+            if proven != self.peer_id:
+                raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"HELLO names node {self.peer_id[:12]}, TLS proved {proven[:12]}")
         if self.peer_id == self.node.node_id:
             raise PeerGone("this is our own address")
         self.info.node_id = self.peer_id

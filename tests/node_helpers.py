@@ -18,9 +18,15 @@ from sync import T_STRING, CompressedContext, MemoryAtom
 WHEN = datetime(2026, 11, 24, 10, tzinfo=timezone.utc)
 
 
-def make_home(root: Path, name: str) -> tuple[HomePaths, str]:
+def make_home(root: Path, name: str, cluster_key: Path | None = None) -> tuple[HomePaths, str]:
+    """A node home in the cluster whose key is `cluster_key` (default: one
+    shared by every node made under `root`)."""
+    if cluster_key is None:
+        cluster_key = root / "cluster.key"
+        if not cluster_key.exists():
+            security.write_cluster_key(cluster_key, security.new_cluster_key())
     home = root / name
-    assert cli.main(["--home", str(home), "init"], out=io.StringIO()) == 0
+    assert cli.main(["--home", str(home), "init", "--cluster-key-file", str(cluster_key)], out=io.StringIO()) == 0
     return HomePaths(home), security.node_id(security.read_node_key(home / "node.key"))
 
 
@@ -33,8 +39,9 @@ def fast_config(peers=(), **overrides) -> NodeConfig:
     return NodeConfig(**settings)
 
 
-async def start_node(nursery: trio.Nursery, root: Path, name: str, peers=(), **overrides) -> Node:
-    paths, node_id = make_home(root, name)
+async def start_node(nursery: trio.Nursery, root: Path, name: str, peers=(), cluster_key: Path | None = None,
+                     **overrides) -> Node:
+    paths, node_id = make_home(root, name, cluster_key)
     node = Node(paths=paths, config=fast_config(peers, **overrides), node_id=node_id)
     await nursery.start(node.run)
     return node

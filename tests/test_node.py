@@ -125,3 +125,43 @@ async def test_two_nodes_pushing_bulk_to_each_other_do_not_deadlock(tmp_path):
         await wait_converged([a, b], bound=120)
         assert len(a.index) == len(b.index) == 40
         nursery.cancel_scope.cancel()
+
+
+async def test_a_node_of_another_cluster_never_gets_in(tmp_path):
+    other_key = tmp_path / "other.key"
+    from daemon import security
+
+    security.write_cluster_key(other_key, security.new_cluster_key())
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, tmp_path, "a")
+        [secret] = await a.add_contexts([context("members only")])
+        intruder = await start_node(nursery, tmp_path, "x", peers=[a.listen_address], cluster_key=other_key)
+        await intruder.add_contexts([context("from outside")])
+        with trio.fail_after(CONVERGE_BOUND):
+            while intruder.status()["peers"][0]["error"] is None:
+                await trio.sleep(0.01)
+        row = intruder.status()["peers"][0]
+        assert "not a cluster member" in row["error"] and row["state"] != "connected"
+        await trio.sleep(0.5)  # a few more dial attempts
+        assert not await intruder.run_sync(intruder.store.has, secret)
+        assert len(a.index) == 1 and a.sessions == {} and a.status()["peers"] == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_plaintext_ctxfs_hello_gets_no_protocol_byte_back(tmp_path):
+    """Without TLS and a member certificate nothing of the protocol is spoken."""
+    from sync.connection import Connection
+
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, tmp_path, "a")
+        stream = await trio.open_tcp_stream(*a.listen_address)
+        probe = Connection(hello=a.hello(), dialer=True)
+        await stream.send_all(probe.start())
+        received = b""
+        with trio.move_on_after(2):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        await stream.aclose()
+        assert b"CTXF" not in received  # no HELLO of ours; at most a TLS alert
+        assert received[:1] in (b"", b"\x15")  # 0x15: a TLS alert record
+        nursery.cancel_scope.cancel()
