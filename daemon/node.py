@@ -71,6 +71,7 @@ class Node:
         self._pending_since = 0.0
         self._watchers: set[Callable[[], None]] = set()
         self._nursery: trio.Nursery | None = None
+        self._dialing: set[str] = set()  # addresses a dial loop runs for
 
     # ------------------------------------------------------------ store access
 
@@ -226,6 +227,7 @@ class Node:
                 self.listen_address = (host, bound[1])
                 log.info("listening on %s", format_address(*self.listen_address))
                 for address in self.config.peers:
+                    self._dialing.add(format_address(*address))
                     nursery.start_soon(self._dial_forever, address, "static")
                 nursery.start_soon(self._apply_stale_ids)
                 task_status.started(self.listen_address)
@@ -257,6 +259,21 @@ class Node:
             return
         info = PeerInfo(address=address, source="inbound")
         await run_session(self, secure, info, dialer=False)
+
+    def discovered(self, node_id: str, address: tuple[str, int], source: str = "mdns") -> None:
+        """Discovery proposes a peer; keep a connection to it from now on.
+
+        Proposals are only addresses: TLS decides who gets in, and the
+        one-connection-per-pair rule settles a peer dialled both ways.
+        Never blocks; safe to call from the discovery task on every event.
+        """
+        if node_id == self.node_id or node_id in self.sessions or self._nursery is None:
+            return
+        key = format_address(*address)
+        if key in self._dialing:
+            return
+        self._dialing.add(key)
+        self._nursery.start_soon(self._dial_forever, address, source)
 
     async def _dial_forever(self, address: tuple[str, int], source: str) -> None:
         """Keep one connection to a static peer, reconnecting with capped backoff."""
