@@ -400,6 +400,7 @@ def cmd_daemon(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
             "listen": args.listen,
             "peers": args.peer or None,
             "mdns": False if args.no_mdns else None,
+            "mdns_interfaces": args.mdns_interface or None,  # discovery
             "log_json": True if args.log_json else None,
         })
     except ConfigError as exc:
@@ -515,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT", help="address for peers (default 0.0.0.0:7787; port 0 picks one)")
     p.add_argument("--peer", metavar="HOST:PORT", action="append", help="a static peer (repeatable)")
     p.add_argument("--no-mdns", action="store_true", help="do not discover peers through mDNS")
+    p.add_argument("--mdns-interface", metavar="ADDR", action="append",
+                   help="run mDNS on the interface with this IP address (repeatable; default: the listen "
+                        "address if specific, else every IPv4 interface)")
     p.add_argument("--log-json", action="store_true", help="log JSON lines instead of plain lines")
     p = add("status", cmd_status, "show this node's sync status (needs the daemon)")
     p.add_argument("--json", action="store_true", help="one JSON object (schema 1); with --watch, one line per refresh")

@@ -42,6 +42,12 @@ class NodeConfig:
     listen: tuple[str, int] = ("0.0.0.0", DEFAULT_PORT)
     peers: tuple[tuple[str, int], ...] = ()
     mdns: bool = True
+    # mDNS (daemon/discovery.py): addresses of the interfaces to advertise and
+    # browse on (default: the listen address if specific, else every IPv4
+    # interface), and how often to re-announce (a host that missed our first
+    # announcement learns of us only then).
+    mdns_interfaces: tuple[str, ...] = ()
+    mdns_announce_seconds: float = 10.0
     # A full reconciliation with every peer this often, even if no root
     # announcement was missed: the safety net under announce-driven sync.
     anti_entropy_seconds: float = 30.0
@@ -60,6 +66,7 @@ _FILE_KEYS = {
     "listen": str, "peers": list, "mdns": bool, "anti_entropy_seconds": (int, float),
     "ping_seconds": (int, float), "idle_timeout_seconds": (int, float),
     "hello_timeout_seconds": (int, float), "log_json": bool,
+    "mdns_interfaces": list, "mdns_announce_seconds": (int, float),  # discovery
 }
 
 
@@ -83,10 +90,23 @@ def load_config(path: Path, overrides: dict) -> NodeConfig:
         values["listen"] = parse_address(values["listen"], "listen", default_port=DEFAULT_PORT)
     if "peers" in values:
         values["peers"] = tuple(parse_address(p, "peer", default_port=DEFAULT_PORT) for p in values["peers"])
-    for key in ("anti_entropy_seconds", "ping_seconds", "idle_timeout_seconds", "hello_timeout_seconds"):
+    if "mdns_interfaces" in values:  # discovery: interface addresses, e.g. 10.0.0.5
+        values["mdns_interfaces"] = tuple(_interface_address(a) for a in values["mdns_interfaces"])
+    for key in ("anti_entropy_seconds", "ping_seconds", "idle_timeout_seconds", "hello_timeout_seconds",
+                "mdns_announce_seconds"):
         if key in values and not values[key] > 0:
             raise ConfigError(f"{key} must be positive")
     return NodeConfig(**values)
+
+
+def _interface_address(text: object) -> str:
+    """An mDNS interface is named by one of its IP addresses."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(str(text).strip()))
+    except ValueError:
+        raise ConfigError(f"mdns interface: expected an IP address, got {text!r}") from None
 
 
 def _as_tuple(kinds):

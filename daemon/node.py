@@ -230,6 +230,16 @@ class Node:
                     self._dialing.add(format_address(*address))
                     nursery.start_soon(self._dial_forever, address, "static")
                 nursery.start_soon(self._apply_stale_ids)
+                if self.config.mdns:
+                    # mDNS discovery (daemon/discovery.py), once the port is known. It
+                    # follows the root through self.watch; if mDNS cannot start it logs
+                    # one warning and returns, and the node runs on without it.
+                    from daemon.discovery import run_discovery
+
+                    nursery.start_soon(functools.partial(
+                        run_discovery, self, interfaces=self.config.mdns_interfaces,
+                        announce_seconds=self.config.mdns_announce_seconds,
+                    ))
                 task_status.started(self.listen_address)
         finally:
             await self._close_store()
@@ -298,6 +308,10 @@ class Node:
                 _refusals.warning(key, "peer %s: %s", key, exc.message)
             except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
                 info.error = f"cannot connect: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+            # Lost the one-connection-per-pair rule: the peer's own dial is
+            # the connection. Redial only once that one is gone.
+            while info.node_id is not None and info.node_id in self.sessions:
+                await trio.sleep(1.0)
             info.state = "disconnected"
             if connected and info.error is None:
                 delay = self.config.reconnect_min_seconds
