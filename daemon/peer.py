@@ -35,6 +35,7 @@ from sync import reconcile
 from sync.connection import NEED_DATA, Connection, ConnectionClosed, Received
 from sync.errors import ErrorCode, RemoteProtocolError
 from sync.messages import (
+    MAX_OBJECTS_PER_MESSAGE,
     Ack,
     Credit,
     Error,
@@ -55,9 +56,10 @@ log = logging.getLogger(__name__)
 _warn = RateLimitedLog(log)
 
 # Target payload of one OBJECTS message: big enough to amortise the
-# per-message commit (one SQLite transaction + fsync), small enough that
-# credit comes back often. Never above the peer's max flow message.
-OBJECTS_BATCH_BYTES = 1024 * 1024
+# per-message commit (one SQLite transaction + fsync: at 1 MiB it was one
+# fsync per large context), small enough that four fit the default stream
+# window, so credit keeps coming. Never above the peer's max flow message.
+OBJECTS_BATCH_BYTES = 4 * 1024 * 1024
 # Control frames queued while the peer reads nothing. Honest use stays far
 # below this (a CREDIT is 16 bytes, an ACK of 4096 ids 128 KiB); a peer that
 # stops reading for good is dropped rather than buffered for.
@@ -69,10 +71,6 @@ PUSH_QUEUE = 4
 RECONCILE_STEP_TIMEOUT = 30.0
 # How long GOODBYE may take on the way out.
 CLOSE_DEADLINE = 1.0
-
-
-def _objects(batch: list[tuple[bytes, bytes]], *, final: bool) -> Objects:
-    return Objects(ids=tuple(i for i, _ in batch), objects=tuple(d for _, d in batch), final=final)
 
 
 def _first_cause(group: BaseExceptionGroup) -> BaseException:
@@ -484,22 +482,26 @@ class PeerSession:
             await self._push(ids)
 
     async def _push(self, ids: Iterable[bytes]) -> None:
-        wanted = [i.hex() for i in ids]
-        limit = min(OBJECTS_BATCH_BYTES, self.conn.max_flow_message - 4096)
-        for start in range(0, len(wanted), 4096):
-            rows = await self.node.run_sync(self.node.store.parents_first, wanted[start : start + 4096])
-            stream_id = self.conn.open_stream()
-            self._pushing[stream_id] = {bytes.fromhex(cid) for cid, _ in rows}
-            batch: list[tuple[bytes, bytes]] = []
-            size = 0
-            for cid, data in rows:
-                if batch and size + len(data) > limit:
-                    await self.send_flow(_objects(batch, final=False), stream_id)
-                    batch, size = [], 0
-                batch.append((bytes.fromhex(cid), data))
-                size += len(data) + 40
-            await self.send_flow(_objects(batch, final=True), stream_id)
-            self.conn.close_stream(stream_id)  # ACKs still arrive; credit for it is moot
+        # The whole set in parents-first order, then bytes one message at a
+        # time: a base always travels before its children, and the sender
+        # holds one message of bytes, not everything it has to send.
+        order = await self.node.run_sync(self.node.store.send_order, [i.hex() for i in ids])
+        limit = min(OBJECTS_BATCH_BYTES, self.conn.max_flow_message - 64 * 1024)
+        batches: list[list[str]] = [[]]
+        size = 0
+        for cid, length in order:
+            if batches[-1] and (size + length > limit or len(batches[-1]) >= MAX_OBJECTS_PER_MESSAGE):
+                batches.append([])
+                size = 0
+            batches[-1].append(cid)
+            size += length + 40
+        stream_id = self.conn.open_stream()
+        self._pushing[stream_id] = {bytes.fromhex(cid) for cid, _ in order}
+        for number, batch in enumerate(batches, 1):
+            blobs = await self.node.run_sync(self.node.store.get_many_bytes, batch)
+            message = Objects(ids=tuple(bytes.fromhex(c) for c in batch), objects=tuple(blobs), final=number == len(batches))
+            await self.send_flow(message, stream_id)
+        self.conn.close_stream(stream_id)  # ACKs still arrive; credit for it is moot
 
     async def _storer(self) -> None:
         while True:

@@ -4,7 +4,7 @@ import importlib
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("expand", "reconcile")
+SUBCOMMANDS = ("expand", "reconcile", "node")
 
 
 def main() -> int:

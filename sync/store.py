@@ -55,7 +55,8 @@ class ContextStore(Protocol):
     def get_lineage(self, context_id: str) -> list[str]: ...
     def walk_back(self, context_id: str) -> Iterator[tuple[str, CompressedContext]]: ...
     def walk_back_bytes(self, context_id: str) -> Iterator[tuple[str, bytes]]: ...
-    def parents_first(self, context_ids: Sequence[str]) -> list[tuple[str, bytes]]: ...
+    def send_order(self, context_ids: Sequence[str]) -> list[tuple[str, int]]: ...
+    def get_many_bytes(self, context_ids: Sequence[str]) -> list[bytes]: ...
     def ids(self, start: str | None = None) -> Iterator[str]: ...
     def heads(self) -> list[str]: ...
     def __len__(self) -> int: ...
@@ -137,10 +138,13 @@ class InMemoryContextStore:
         for cid, _ctx in self.walk_back(context_id):
             yield cid, self._objects[cid][1]
 
-    def parents_first(self, context_ids: Sequence[str]) -> list[tuple[str, bytes]]:
-        """(id, bytes) of the given contexts, every base before its children."""
+    def send_order(self, context_ids: Sequence[str]) -> list[tuple[str, int]]:
+        """(id, encoded size) of the given contexts, every base before its children."""
         depth = {cid: len(self.get_lineage(cid)) for cid in context_ids}
-        return [(cid, self._objects[cid][1]) for cid in sorted(depth, key=lambda c: (depth[c], c))]
+        return [(cid, len(self._objects[cid][1])) for cid in sorted(depth, key=lambda c: (depth[c], c))]
+
+    def get_many_bytes(self, context_ids: Sequence[str]) -> list[bytes]:
+        return [self.get_bytes(cid) for cid in context_ids]
 
     def get_lineage(self, context_id: str) -> list[str]:
         lineage = [cid for cid, _ in self.walk_back(context_id)]
@@ -181,6 +185,12 @@ WITH RECURSIVE chain(id, base) AS (
 )
 SELECT chain.id, contexts.data FROM chain JOIN contexts ON contexts.id = chain.id
 """
+
+
+def _id_chunks(context_ids: Sequence[str], size: int = 500):
+    """Ids as blobs, in slices under SQLite's bound-variable limit."""
+    for start in range(0, len(context_ids), size):
+        yield [bytes.fromhex(check_id(c, "context id")) for c in context_ids[start : start + size]]
 
 
 class SQLiteContextStore:
@@ -241,6 +251,7 @@ class SQLiteContextStore:
         with self._transaction():
             batch = _check_encoded(pairs, self.has)
             depths: dict[str, int] = {}
+            rows = []
             for cid, ctx, data in batch:
                 if ctx.base_hash is None:
                     depth = 0
@@ -250,10 +261,10 @@ class SQLiteContextStore:
                         depth = self._depth(ctx.base_hash)
                     depth += 1
                 depths[cid] = depth
-                self._db.execute(
-                    "INSERT OR IGNORE INTO contexts VALUES (?, ?, ?, ?)",
-                    (bytes.fromhex(cid), None if ctx.base_hash is None else bytes.fromhex(ctx.base_hash), depth, data),
-                )
+                rows.append((bytes.fromhex(cid), None if ctx.base_hash is None else bytes.fromhex(ctx.base_hash), depth, data))
+            # One statement for the batch: a row-at-a-time loop hands the GIL
+            # back and forth with the event loop thread once per context.
+            self._db.executemany("INSERT OR IGNORE INTO contexts VALUES (?, ?, ?, ?)", rows)
         return [cid for cid, _, _ in batch]
 
     def _depth(self, context_id: str) -> int:
@@ -309,19 +320,36 @@ class SQLiteContextStore:
             # Our own bytes, checked when they were put; fsck re-verifies them.
             yield cid, decode_context(data, verify=False)
 
-    def parents_first(self, context_ids: Sequence[str]) -> list[tuple[str, bytes]]:
-        """(id, bytes) of the given contexts, every base before its children."""
+    def send_order(self, context_ids: Sequence[str]) -> list[tuple[str, int]]:
+        """(id, encoded size) of the given contexts, every base before its children.
+
+        Sizes, not bytes: a sender reads the bytes one message at a time, so
+        its memory is bounded by a message, not by what it has to send.
+        """
         rows = []
-        for start in range(0, len(context_ids), 500):  # SQLite's bound-variable limit
-            chunk = [bytes.fromhex(check_id(c, "context id")) for c in context_ids[start : start + 500]]
+        for chunk in _id_chunks(context_ids):
             marks = ",".join("?" * len(chunk))
             with self._lock:
-                rows += self._db.execute(f"SELECT depth, id, data FROM contexts WHERE id IN ({marks})", chunk).fetchall()
+                rows += self._db.execute(
+                    f"SELECT depth, id, length(data) FROM contexts WHERE id IN ({marks})", chunk
+                ).fetchall()
         if len(rows) != len(set(context_ids)):
             found = {r[1].hex() for r in rows}
             raise NotFound(next(c for c in context_ids if c not in found))
         rows.sort()
-        return [(cid.hex(), data) for _depth, cid, data in rows]
+        return [(cid.hex(), size) for _depth, cid, size in rows]
+
+    def get_many_bytes(self, context_ids: Sequence[str]) -> list[bytes]:
+        """Canonical bytes of the given contexts, in the given order."""
+        found: dict[bytes, bytes] = {}
+        for chunk in _id_chunks(context_ids):
+            marks = ",".join("?" * len(chunk))
+            with self._lock:
+                found.update(self._db.execute(f"SELECT id, data FROM contexts WHERE id IN ({marks})", chunk).fetchall())
+        try:
+            return [found[bytes.fromhex(cid)] for cid in context_ids]
+        except KeyError as exc:
+            raise NotFound(exc.args[0].hex()) from None
 
     def get_lineage(self, context_id: str) -> list[str]:
         check_id(context_id, "context id")

@@ -165,3 +165,21 @@ async def test_a_plaintext_ctxfs_hello_gets_no_protocol_byte_back(tmp_path):
         assert b"CTXF" not in received  # no HELLO of ours; at most a TLS alert
         assert received[:1] in (b"", b"\x15")  # 0x15: a TLS alert record
         nursery.cancel_scope.cancel()
+
+
+async def test_a_chain_longer_than_one_push_batch_arrives_whole(tmp_path):
+    """More missing contexts than fit one OBJECTS message (4096 ids): every
+    base must still travel before its children, or the receiver refuses."""
+    chain, base = [], None
+    for i in range(5000):
+        ctx = context(f"link {i}", base)
+        chain.append(ctx)
+        base = ctx.id
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, tmp_path, "a")
+        await a.add_contexts(chain)
+        b = await start_node(nursery, tmp_path, "b", peers=[a.listen_address])
+        await wait_converged([a, b])
+        assert len(b.index) == 5000
+        assert await b.run_sync(b.store.get_lineage, base) == [c.id for c in chain]
+        nursery.cancel_scope.cancel()
