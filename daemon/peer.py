@@ -64,8 +64,6 @@ OBJECTS_BATCH_BYTES = 4 * 1024 * 1024
 # below this (a CREDIT is 16 bytes, an ACK of 4096 ids 128 KiB); a peer that
 # stops reading for good is dropped rather than buffered for.
 MAX_CONTROL_BACKLOG = 4 * 1024 * 1024
-# Reconciliation jobs (id sets) waiting for the pusher.
-PUSH_QUEUE = 4
 # A reconciliation step from the peer takes milliseconds; one that has not
 # come in this long is lost (the session is dropped and tried again).
 RECONCILE_STEP_TIMEOUT = 30.0
@@ -152,7 +150,12 @@ class PeerSession:
         # must never block; their bytes are bounded by our receive window.
         self._received: collections.deque[tuple[int, int, Objects]] = collections.deque()
         self._received_wake = trio.Event()
-        self._push_send, self._push_receive = trio.open_memory_channel(PUSH_QUEUE)
+        # Ids reconciliation found the peer lacks, waiting for the pusher.
+        # A set, not a bounded channel: a responder's reconciliation ends in
+        # the reader, which must never wait (it carries the CREDITs the
+        # pusher itself waits for). Bounded by the ids we hold.
+        self._to_push: set[bytes] = set()
+        self._push_wake = trio.Event()
         self._unwatch = None
         self._registered = False
         self._scope = trio.CancelScope()
@@ -408,13 +411,13 @@ class PeerSession:
         if responder.done:
             self._end_responder(stream_id)
             self.conn.close_stream(stream_id)
-            await self._reconciled(responder)
+            self._reconciled(responder)
 
     def _end_responder(self, stream_id: int) -> None:
         if self._responders.pop(stream_id, None) is not None:
             self.node.end_reconcile()
 
-    async def _reconciled(self, reconciler: reconcile.Reconciler) -> None:
+    def _reconciled(self, reconciler: reconcile.Reconciler) -> None:
         # The session told us the peer's root as it was then: fresher than
         # any announce we might have missed.
         if reconciler.peer_root is not None and not reconciler.to_request and not reconciler.to_send:
@@ -424,7 +427,8 @@ class PeerSession:
         fresh = reconciler.to_send - self._unacked
         if fresh:
             self._unacked |= fresh
-            await self._push_send.send(fresh)
+            self._to_push |= fresh
+            self._push_wake.set()
 
     async def _syncer(self) -> None:
         while True:
@@ -473,12 +477,16 @@ class PeerSession:
             self.node.end_reconcile()
             self._replies.pop(stream_id, None)
             self.conn.close_stream(stream_id)
-        await self._reconciled(reconciler)
+        self._reconciled(reconciler)
 
     # ------------------------------------------------------------ objects
 
     async def _pusher(self) -> None:
-        async for ids in self._push_receive:
+        while True:
+            while not self._to_push:
+                self._push_wake = trio.Event()
+                await self._push_wake.wait()
+            ids, self._to_push = self._to_push, set()
             await self._push(ids)
 
     async def _push(self, ids: Iterable[bytes]) -> None:
