@@ -12,15 +12,12 @@ from typing import Any
 import trio
 
 from daemon.paths import HomePaths
-from sync import frames
 from sync.codec import encode_context
 from sync.connection import Connection, ConnectionClosed, Received, State
 from sync.errors import ErrorCode, RemoteProtocolError, error_code_from_wire
 from sync.flow import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
 from sync.messages import (
     FLOW_CONTROLLED,
-    MAGIC,
-    PROTOCOL_VERSIONS,
     Ack,
     Credit,
     Error,
@@ -40,6 +37,7 @@ from sync.messages import (
     StreamEnd,
     StreamRequest,
     encode_payload,
+    make_hello,
 )
 from sync.model import MemoryAtom, TypeSignature, check_id
 
@@ -119,15 +117,9 @@ class LocalClient(_Endpoint):
         stream_window: int = DEFAULT_STREAM_WINDOW,
         connection_window: int = DEFAULT_CONNECTION_WINDOW,
     ) -> None:
-        hello = Hello(
-            magic=MAGIC,
-            versions=PROTOCOL_VERSIONS,
-            node_id=CLIENT_NODE_ID,
-            max_frame_size=frames.DEFAULT_MAX_FRAME_SIZE,
-            stream_window=stream_window,
-            connection_window=connection_window,
-            root=bytes(32),
-            count=0,
+        hello = make_hello(
+            node_id=CLIENT_NODE_ID, root=bytes(32), count=0,
+            stream_window=stream_window, connection_window=connection_window,
         )
         super().__init__(stream, Connection(hello=hello, dialer=True))
         self.server_hello: Hello | None = None

@@ -35,13 +35,11 @@ from sync.codec import DecodeError, decode_context
 from sync.connection import Connection, ConnectionClosed, Received, State
 from sync.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from sync.expand import stream_expansion
-from sync.flow import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW, FlowStatistics
+from sync.flow import FlowStatistics
 from sync.messages import (
     FLOW_CONTROLLED,
-    MAGIC,
     MAX_ATOMS_PER_MESSAGE,
     MAX_REASON_LENGTH,
-    PROTOCOL_VERSIONS,
     Ack,
     Credit,
     Error,
@@ -61,6 +59,7 @@ from sync.messages import (
     StreamEnd,
     StreamRequest,
     encode_payload,
+    make_hello,
 )
 from sync.model import check_id, is_id
 from sync.query import ContextQuery
@@ -229,13 +228,8 @@ def _server_hello(node: Any) -> Hello:
     status = node.status()
     root = status.get("root")
     count = status.get("objects")
-    return Hello(
-        magic=MAGIC,
-        versions=PROTOCOL_VERSIONS,
+    return make_hello(
         node_id=bytes.fromhex(check_id(node.node_id, "node id")),
-        max_frame_size=frames.DEFAULT_MAX_FRAME_SIZE,
-        stream_window=DEFAULT_STREAM_WINDOW,
-        connection_window=DEFAULT_CONNECTION_WINDOW,
         root=bytes.fromhex(root) if is_id(root) else bytes(32),
         count=count if type(count) is int and count >= 0 else 0,
     )

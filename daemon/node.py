@@ -24,7 +24,7 @@ from daemon.paths import HomePaths
 from sync.codec import encode_context
 from sync.expand import ExpanderFunctor
 from sync.idset import IdSet
-from sync.messages import MAGIC, PROTOCOL_VERSIONS, Hello
+from sync.messages import Hello, make_hello
 from sync.model import CompressedContext
 from sync.store import SQLiteContextStore
 
@@ -139,18 +139,7 @@ class Node:
     # ------------------------------------------------------------ protocol
 
     def hello(self) -> Hello:
-        from sync import flow, frames
-
-        return Hello(
-            magic=MAGIC,
-            versions=PROTOCOL_VERSIONS,
-            node_id=self.node_id_bytes,
-            max_frame_size=frames.DEFAULT_MAX_FRAME_SIZE,
-            stream_window=flow.DEFAULT_STREAM_WINDOW,
-            connection_window=flow.DEFAULT_CONNECTION_WINDOW,
-            root=self.root(),
-            count=len(self.index),
-        )
+        return make_hello(node_id=self.node_id_bytes, root=self.root(), count=len(self.index))
 
     # ------------------------------------------------------------ status
 

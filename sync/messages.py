@@ -138,6 +138,29 @@ class Hello:
     count: int = attrs.field(validator=_non_negative)
 
 
+def make_hello(
+    *,
+    node_id: bytes,
+    root: bytes,
+    count: int,
+    stream_window: int | None = None,
+    connection_window: int | None = None,
+) -> Hello:
+    """Our HELLO with this version's defaults (frame size, windows)."""
+    from sync import flow, frames
+
+    return Hello(
+        magic=MAGIC,
+        versions=PROTOCOL_VERSIONS,
+        node_id=node_id,
+        max_frame_size=frames.DEFAULT_MAX_FRAME_SIZE,
+        stream_window=flow.DEFAULT_STREAM_WINDOW if stream_window is None else stream_window,
+        connection_window=flow.DEFAULT_CONNECTION_WINDOW if connection_window is None else connection_window,
+        root=root,
+        count=count,
+    )
+
+
 @_frozen
 class Root:
     """The sender's node root changed (or is being re-announced)."""
