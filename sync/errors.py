@@ -47,6 +47,7 @@ class ErrorCode(enum.IntEnum):
     BAD_REQUEST = 13  # well-formed but semantically invalid request
     SHUTTING_DOWN = 14  # the node is stopping; retry elsewhere/later
     RETRY = 15  # transient (e.g. the set changed during reconciliation): try again
+    UNAVAILABLE = 16  # cannot store now (disk full, I/O error): resend after the node says it can
 
 
 def error_code_from_wire(value: int) -> ErrorCode:

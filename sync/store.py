@@ -45,6 +45,15 @@ class ContextTooLarge(StoreError, ValueError):
         self.size = size
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be written now (disk full, I/O error, read-only);
+    nothing of the write was stored, and what was stored before is sound."""
+
+    def __init__(self, cause: str, *, disk_full: bool) -> None:
+        super().__init__(f"the store cannot be written now: {cause}")
+        self.disk_full = disk_full
+
+
 class ContextStore(Protocol):
     def put(self, ctx: CompressedContext) -> str: ...
     def put_many(self, contexts: Sequence[CompressedContext]) -> list[str]: ...
@@ -228,13 +237,26 @@ class SQLiteContextStore:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    # SQLite may have rolled back already (SQLITE_FULL does):
+                    # a second ROLLBACK would raise and hide the real error.
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                name = getattr(exc, "sqlite_errorname", "")
+                raise StoreUnavailable(str(exc), disk_full=name == "SQLITE_FULL") from None
+
+    def probe_write(self) -> None:
+        """Write (and commit) one tiny row: raises StoreUnavailable while
+        the store cannot be written."""
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('write_probe', ?)", (os.urandom(8).hex(),))
 
     def put(self, ctx: CompressedContext) -> str:
         return self.put_many([ctx])[0]

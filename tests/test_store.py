@@ -297,3 +297,26 @@ def test_fsck_after_reopen_sees_tampering(tmp_path, family):
         assert [p.split(":")[0] for p in problems] == [b.id]
     finally:
         s.close()
+
+
+def test_a_full_disk_is_a_clear_store_error_and_changes_nothing(tmp_path):
+    """SQLITE_FULL once surfaced as "cannot rollback - no transaction is
+    active": SQLite had rolled back itself, and our ROLLBACK hid the cause.
+    `max_page_count` makes the same SQLITE_FULL a full disk would."""
+    from sync.store import StoreUnavailable
+
+    store = SQLiteContextStore(tmp_path / "full.db")
+    kept = root(atom("kept", 0.5))
+    store.put(kept)
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    big = root(*(atom(f"filler {i} " + "x" * 200, 0.5) for i in range(200)))
+    with pytest.raises(StoreUnavailable) as full:
+        store.put(big)
+    assert full.value.disk_full and "full" in str(full.value)
+    assert not store.has(big.id) and store.get(kept.id) == kept
+    assert list(store.fsck()) == []
+    store._db.execute(f"PRAGMA max_page_count = {pages * 100}")  # space is back
+    store.put(big)
+    assert store.has(big.id)
+    store.close()
