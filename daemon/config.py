@@ -59,6 +59,13 @@ class NodeConfig:
     # Reconnect backoff for static peers: doubling from min to max, jittered.
     reconnect_min_seconds: float = 0.5
     reconnect_max_seconds: float = 30.0
+    # Inbound peer connections at once (TLS handshakes included); more are
+    # told LIMIT_EXCEEDED and closed. Each may pin our receive window plus
+    # sync.connection.MAX_CONTROL_BUFFERED (~36 MiB), so this bounds what
+    # members can make us hold. 64 covers a 64-host lab dialling all to all.
+    max_inbound_peers: int = 64
+    # Local API clients at once; more are told LIMIT_EXCEEDED and closed.
+    max_local_clients: int = 64
     log_json: bool = False
 
 
@@ -67,6 +74,7 @@ _FILE_KEYS = {
     "ping_seconds": (int, float), "idle_timeout_seconds": (int, float),
     "hello_timeout_seconds": (int, float), "log_json": bool,
     "mdns_interfaces": list, "mdns_announce_seconds": (int, float),  # discovery
+    "max_inbound_peers": int, "max_local_clients": int,
 }
 
 
@@ -96,6 +104,9 @@ def load_config(path: Path, overrides: dict) -> NodeConfig:
                 "mdns_announce_seconds"):
         if key in values and not values[key] > 0:
             raise ConfigError(f"{key} must be positive")
+    for key in ("max_inbound_peers", "max_local_clients"):
+        if key in values and not (isinstance(values[key], int) and values[key] >= 1):
+            raise ConfigError(f"{key} must be a whole number of at least 1")
     return NodeConfig(**values)
 
 

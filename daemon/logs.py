@@ -33,13 +33,47 @@ def configure(*, json_lines: bool = False, level: int = logging.INFO) -> None:
 class RateLimitedLog:
     """Log a repeating condition (a peer that keeps refusing) once per interval."""
 
+    # Keys remembered; a flood of distinct keys (addresses) evicts the oldest
+    # rather than growing the table.
+    MAX_KEYS = 1024
+
     def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
         self._logger = logger
         self._interval = interval
         self._last: dict[str, float] = {}
 
-    def warning(self, key: str, message: str, *args: object) -> None:
+    def _due(self, key: str) -> bool:
         now = time.monotonic()
-        if now - self._last.get(key, -self._interval) >= self._interval:
-            self._last[key] = now
+        if now - self._last.get(key, -self._interval) < self._interval:
+            return False
+        self._last.pop(key, None)
+        self._last[key] = now
+        while len(self._last) > self.MAX_KEYS:
+            del self._last[next(iter(self._last))]
+        return True
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        if self._due(key):
             self._logger.warning(message, *args)
+
+    def error(self, key: str, message: str, *args: object, exc_info: BaseException | None = None) -> None:
+        if self._due(key):
+            self._logger.error(message, *args, exc_info=exc_info)
+
+
+def forget_traceback(exc: BaseException) -> None:
+    """Drop what an exception keeps alive: its traceback's frames hold the
+    session and its buffers, and its context chain may lead back to it in
+    a cycle that only the cyclic collector would free."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        pending += [current.__context__, current.__cause__]
+        if isinstance(current, BaseExceptionGroup):
+            pending += current.exceptions
+        current.__traceback__ = None
+        current.__context__ = current.__cause__ = None

@@ -26,13 +26,21 @@ from sync.expand import ExpanderFunctor
 from sync.idset import IdSet
 from sync.messages import Hello, make_hello
 from sync.model import CompressedContext
-from sync.store import SQLiteContextStore
+from sync.store import SQLiteContextStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 _refusals = RateLimitedLog(log)
 T = TypeVar("T")
 
 STATUS_SCHEMA = 1
+# Rows kept in status for inbound peers whose session ended (with their last
+# error), most recent last; older ones are forgotten. Static and discovered
+# peers keep their row: they are dialled again.
+MAX_DISCONNECTED_INBOUND = 16
+# After a write failed (disk full), receiving pauses this long before the
+# store is probed again: peers' data is refused at once meanwhile, and the
+# disk is not hammered with writes that cannot succeed.
+STORE_RETRY_SECONDS = 5.0
 # How long stored ids may wait for running reconciliations before entering
 # the in-memory set (and the root) anyway.
 MAX_INDEX_DELAY = 2.0
@@ -72,6 +80,10 @@ class Node:
         self._watchers: set[Callable[[], None]] = set()
         self._nursery: trio.Nursery | None = None
         self._dialing: set[str] = set()  # addresses a dial loop runs for
+        self._inbound = 0  # inbound connections now, TLS handshakes included
+        # Why the store cannot be written now (status shows it), else None.
+        self.store_error: str | None = None
+        self._store_retry_at = 0.0
 
     # ------------------------------------------------------------ store access
 
@@ -84,8 +96,20 @@ class Node:
         return await self.add_encoded([encode_context(c) for c in contexts])
 
     async def add_encoded(self, blobs: Sequence[bytes]) -> list[str]:
-        """Verify and store canonical bytes all-or-nothing; announce a new root."""
-        ids = await self.run_sync(self.store.put_encoded, blobs)
+        """Verify and store canonical bytes all-or-nothing; announce a new root.
+
+        Raises StoreUnavailable while the store cannot be written (receiving
+        is paused, see _watch_store).
+        """
+        if self.store_error is not None and trio.current_time() < self._store_retry_at:
+            raise StoreUnavailable(f"{self.store_error} (receiving is paused)", disk_full=False)
+        try:
+            ids = await self.run_sync(self.store.put_encoded, blobs)
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+            raise
+        if self.store_error is not None:
+            self._store_recovered()
         self._pending_ids.update(bytes.fromhex(i) for i in ids)
         stale = trio.current_time() - self._pending_since > MAX_INDEX_DELAY
         if not self._reconciling or stale:
@@ -120,6 +144,38 @@ class Node:
 
     def root(self) -> bytes:
         return self.index.root()
+
+    # ------------------------------------------------------------ a store that cannot be written
+
+    def _store_failed(self, exc: StoreUnavailable) -> None:
+        first = self.store_error is None
+        self.store_error = "disk full" if exc.disk_full else str(exc)
+        self._store_retry_at = trio.current_time() + STORE_RETRY_SECONDS
+        if first:
+            log.warning("%s: receiving paused; reads go on; retrying every %g s", exc, STORE_RETRY_SECONDS)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._watch_store)
+
+    async def _watch_store(self) -> None:
+        """While the store cannot be written: probe it now and then; once it
+        can, resume (no restart needed)."""
+        while self.store_error is not None:
+            await trio.sleep_until(self._store_retry_at)
+            if self.store_error is None:
+                return
+            try:
+                await self.run_sync(self.store.probe_write)
+            except StoreUnavailable as exc:
+                self._store_failed(exc)
+                continue
+            self._store_recovered()
+
+    def _store_recovered(self) -> None:
+        log.warning("the store can be written again: receiving resumed")
+        self.store_error = None
+        # What peers could not give us meanwhile: ask them again now.
+        for session in list(self.sessions.values()):
+            session.resync()
 
     def holds(self, context_id: bytes) -> bool:
         """Stored here (in the index, or committed and waiting to enter it)."""
@@ -180,6 +236,7 @@ class Node:
             "listen": listen,
             "root": root.hex(),
             "objects": len(self.index),
+            "store_error": self.store_error,
             "peers": sorted(rows.values(), key=lambda r: r["address"]),
         }
 
@@ -248,16 +305,42 @@ class Node:
         except OSError:
             return
         address = format_address(host, port)
+        over_limit = self._inbound >= self.config.max_inbound_peers
+        self._inbound += 1
         try:
-            with trio.fail_after(self.config.hello_timeout_seconds):
-                secure = await tls.wrap_server(stream, self._server_tls)
-        except tls.NotAMember as exc:
-            _refusals.warning(host, "refused %s: %s", address, exc.message)
-            return
-        except (trio.BrokenResourceError, trio.TooSlowError, OSError):
-            return
-        info = PeerInfo(address=address, source="inbound")
-        await run_session(self, secure, info, dialer=False)
+            try:
+                with trio.fail_after(self.config.hello_timeout_seconds):
+                    secure = await tls.wrap_server(stream, self._server_tls)
+                    if over_limit:
+                        await self._refuse(secure, address)
+                        return
+            except tls.NotAMember as exc:
+                _refusals.warning(host, "refused %s: %s", address, exc.message)
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
+                return
+            info = PeerInfo(address=address, source="inbound")
+            await run_session(self, secure, info, dialer=False)
+        finally:
+            self._inbound -= 1
+            self._forget_old_inbound()
+
+    async def _refuse(self, stream: trio.abc.Stream, address: str) -> None:
+        """A member over the inbound limit is told so (it dials again later)."""
+        from daemon.endpoint import send_and_close
+        from sync.connection import Connection
+        from sync.errors import ErrorCode
+
+        limit = self.config.max_inbound_peers
+        _refusals.warning("inbound-limit", "refused %s: %d inbound peers already (max_inbound_peers)", address, limit)
+        refusal = Connection(hello=self.hello(), dialer=False).refuse(
+            ErrorCode.LIMIT_EXCEEDED, f"this node serves at most {limit} inbound peers; try again later")
+        await send_and_close(stream, refusal)
+
+    def _forget_old_inbound(self) -> None:
+        ended = [key for key, info in self.peers.items() if info.source == "inbound" and info.state != "connected"]
+        for key in ended[:-MAX_DISCONNECTED_INBOUND]:
+            del self.peers[key]
 
     def discovered(self, node_id: str, address: tuple[str, int], source: str = "mdns") -> None:
         """Discovery proposes a peer; keep a connection to it from now on.

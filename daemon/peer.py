@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import trio
 
 from daemon import tls
-from daemon.logs import RateLimitedLog
+from daemon.logs import RateLimitedLog, forget_traceback as _forget_traceback
 from sync import reconcile
 from sync.connection import NEED_DATA, Connection, ConnectionClosed, Received
 from sync.errors import ErrorCode, RemoteProtocolError
@@ -49,11 +49,12 @@ from sync.messages import (
     Root,
     encode_payload,
 )
-from sync.store import MissingBase, StoreError
+from sync.store import MissingBase, StoreError, StoreUnavailable
 from sync.codec import DecodeError
 
 log = logging.getLogger(__name__)
 _warn = RateLimitedLog(log)
+_errors = RateLimitedLog(log, interval=600.0)  # internal errors: once per class per 10 min
 
 # Target payload of one OBJECTS message: big enough to amortise the
 # per-message commit (one SQLite transaction + fsync: at 1 MiB it was one
@@ -95,30 +96,56 @@ class Duplicate(PeerGone):
 
 
 async def run_session(node, stream: trio.abc.Stream, info, *, dialer: bool) -> None:
+    """Run one peer session to its end. Never raises but for cancellation.
+
+    This is the session's one boundary: every exception class it can end
+    with is mapped here to the peer's fault (a declared ERROR, then close),
+    the connection's end, or our own bug (logged once, session ended). No
+    peer input reaches the node's nursery.
+    """
     session = PeerSession(node, stream, info, dialer=dialer)
+    last_words = b""
     try:
         await session.run()
-    except PeerGone as exc:
-        info.error = None if isinstance(exc, Duplicate) else str(exc)
-    except RemoteProtocolError as exc:
+    except Exception as exc:  # mapped class by class in _map_failure
+        last_words = _map_failure(session, info, exc)
+        _forget_traceback(exc)
+        del exc  # nothing may keep the session's frames alive (see _forget_traceback)
+    finally:
+        session.detach()
+        with trio.CancelScope(shield=True):
+            if last_words:
+                with trio.move_on_after(CLOSE_DEADLINE):
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        await stream.send_all(last_words)
+            await trio.aclose_forcefully(stream)
+
+
+def _map_failure(session: PeerSession, info, exc: Exception) -> bytes:
+    """Record why the session ended (for status and logs); the bytes to send last."""
+    if isinstance(exc, Duplicate):
+        info.error = None
+    elif isinstance(exc, PeerGone):
+        info.error = str(exc)
+    elif isinstance(exc, RemoteProtocolError):
         info.error = f"protocol error: {exc.message}"
         _warn.warning(info.address, "peer %s: %s", info.address, exc.message)
-        with trio.move_on_after(CLOSE_DEADLINE) as scope:
-            scope.shield = True
-            try:
-                await stream.send_all(session.conn.failure_bytes(exc))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        if session.conn.state.value not in ("closed", "error") and not session.torn_write:
+            return session.conn.failure_bytes(exc)
+    elif isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
         refused = tls.refusal(exc)
         if refused is not None:
             info.error = refused.message
         else:
             info.error = f"connection lost: {exc}" if str(exc) else "connection lost"
-    finally:
-        session.detach()
-        with trio.CancelScope(shield=True):
-            await trio.aclose_forcefully(stream)
+    elif isinstance(exc, trio.TooSlowError):
+        info.error = f"no HELLO within {session.node.config.hello_timeout_seconds:g} s"
+    else:
+        # Ours (LocalProtocolError, a store failure nobody expected, a bug):
+        # the session ends, the node goes on.
+        info.error = f"internal error: {type(exc).__name__}: {exc}"
+        _errors.error(type(exc).__name__, "peer %s: session ended by an internal error", info.address, exc_info=exc)
+    return b""
 
 
 class PeerSession:
@@ -135,7 +162,7 @@ class PeerSession:
         self._bulk_free = trio.Event()
         self._writer_wake = trio.Event()
         self._writer_idle = trio.Event()
-        self._torn_write = False  # a write was cut off: the stream is unusable
+        self.torn_write = False  # a write was cut off: the stream is unusable
         self._credit = trio.Event()
         self._want_sync = trio.Event()
         self._announce = trio.Event()
@@ -171,7 +198,7 @@ class PeerSession:
                 # Every task of the session is gone, so writing here is safe.
                 with trio.move_on_after(CLOSE_DEADLINE) as scope:
                     scope.shield = True
-                    if self.conn.state.value == "open" and not self._torn_write:
+                    if self.conn.state.value == "open" and not self.torn_write:
                         goodbye = self.conn.send(Goodbye(code=int(ErrorCode.SHUTTING_DOWN), reason="node stopping"))
                         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                             await self.stream.send_all(goodbye)
@@ -225,7 +252,9 @@ class PeerSession:
         self._registered = True
         self.info.node_id = self.peer_id
         if self.info.source == "inbound":
-            self.node.peers[f"inbound:{self.peer_id}"] = self.info
+            key = f"inbound:{self.peer_id}"
+            self.node.peers.pop(key, None)  # the newest last: old rows are pruned first
+            self.node.peers[key] = self.info
 
     def replaced(self) -> None:
         """A connection that wins the one-per-pair rule takes over; this one ends."""
@@ -236,7 +265,9 @@ class PeerSession:
         for stream_id in list(self._responders):
             self._end_responder(stream_id)
         if self._unwatch is not None:
-            self._unwatch()
+            # The closure holds our bound method: keeping it would be a cycle.
+            unwatch, self._unwatch = self._unwatch, None
+            unwatch()
         if self._registered and self.node.sessions.get(self.peer_id) is self:
             del self.node.sessions[self.peer_id]
         if self.info.state == "connected":
@@ -245,6 +276,10 @@ class PeerSession:
 
     def _on_local_change(self) -> None:
         self._announce.set()
+
+    def resync(self) -> None:
+        """Reconcile with the peer soon (e.g. our store can take data again)."""
+        self._want_sync.set()
 
     # ------------------------------------------------------------ sending
 
@@ -260,8 +295,24 @@ class PeerSession:
 
     async def send(self, message: Message, stream_id: int = 0) -> None:
         """Queue a control message (anything not flow-controlled)."""
+        self._check_sendable(message)
         self._queue(self.conn.send(message, stream_id))
         await trio.lowlevel.checkpoint()
+
+    def _check_sendable(self, message: Message) -> None:
+        # Once either side said GOODBYE only our GOODBYE may follow; a task
+        # that still had something to say finds the session ending.
+        if self.conn.state.value != "open" and not isinstance(message, Goodbye):
+            raise PeerGone("the session is closing")
+
+    async def answer(self, message: Message, stream_id: int) -> None:
+        """Reply on a stream the peer opened, unless it is closed already.
+
+        A peer may repeat a request on a stream we answered and closed (or
+        name one of ours that ended): the reply to that is silence.
+        """
+        if self.conn.is_stream_open(stream_id):
+            await self.send(message, stream_id)
 
     async def send_flow(self, message: Message, stream_id: int) -> None:
         """Send a flow-controlled message once the peer's credit allows it,
@@ -270,8 +321,10 @@ class PeerSession:
         while self.conn.send_capacity(stream_id) < size:
             self._credit = trio.Event() if self._credit.is_set() else self._credit
             await self._credit.wait()
+            self._check_sendable(message)
         while self._bulk is not None:
             await self._bulk_free.wait()
+        self._check_sendable(message)
         written = trio.Event()
         self._bulk = (self.conn.send(message, stream_id), written)
         self._writer_wake.set()
@@ -291,9 +344,9 @@ class PeerSession:
                 await self._writer_wake.wait()
                 self._writer_idle = trio.Event()
                 continue
-            self._torn_write = True
+            self.torn_write = True
             await self.stream.send_all(data)
-            self._torn_write = False
+            self.torn_write = False
             if bulk:
                 self._bulk[1].set()
                 self._bulk = None
@@ -376,7 +429,7 @@ class PeerSession:
                 await self._writer_idle.wait()  # let our GOODBYE out
             nursery.cancel_scope.cancel()
         elif not isinstance(message, Pong):
-            await self.send(Error(code=int(ErrorCode.BAD_REQUEST), message=f"{message.TYPE.name} is not served to peers"), stream_id)
+            await self.answer(Error(code=int(ErrorCode.BAD_REQUEST), message=f"{message.TYPE.name} is not served to peers"), stream_id)
             self.conn.close_stream(stream_id)
 
     # ------------------------------------------------------------ reconciliation
@@ -401,13 +454,13 @@ class PeerSession:
         except reconcile.ReconcileStateError:
             # Our index changed under the session; the peer retries.
             self._end_responder(stream_id)
-            await self.send(Error(code=int(ErrorCode.RETRY), message="set changed, retry"), stream_id)
+            await self.answer(Error(code=int(ErrorCode.RETRY), message="set changed, retry"), stream_id)
             self.conn.close_stream(stream_id)
             return
         except reconcile.ReconcileError as exc:
             raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"RECONCILE: {exc}") from None
         if reply is not None:
-            await self.send(Reconcile(body=tuple(reconcile.to_wire(reply))), stream_id)
+            await self.answer(Reconcile(body=tuple(reconcile.to_wire(reply))), stream_id)
         if responder.done:
             self._end_responder(stream_id)
             self.conn.close_stream(stream_id)
@@ -506,6 +559,8 @@ class PeerSession:
         stream_id = self.conn.open_stream()
         self._pushing[stream_id] = {bytes.fromhex(cid) for cid, _ in order}
         for number, batch in enumerate(batches, 1):
+            if stream_id not in self._pushing:
+                break  # the peer refused this push (ERROR on its stream): send no more of it
             blobs = await self.node.run_sync(self.node.store.get_many_bytes, batch)
             message = Objects(ids=tuple(bytes.fromhex(c) for c in batch), objects=tuple(blobs), final=number == len(batches))
             await self.send_flow(message, stream_id)
@@ -525,7 +580,7 @@ class PeerSession:
         if bad is not None:
             # Corrupted or forged: refuse the whole message, store nothing.
             await self._release(stream_id, size)
-            await self.send(Error(code=int(ErrorCode.INVALID_OBJECT), message=f"object {bad.hex()} does not match its bytes"), stream_id)
+            await self.answer(Error(code=int(ErrorCode.INVALID_OBJECT), message=f"object {bad.hex()} does not match its bytes"), stream_id)
             self.info.error = f"peer sent object {bad.hex()[:12]} whose bytes do not match its id"
             _warn.warning(f"{self.info.address}:invalid", "peer %s: %s", self.info.address, self.info.error)
             self.conn.close_stream(stream_id)
@@ -535,13 +590,18 @@ class PeerSession:
             ids = await self.node.add_encoded(list(message.objects))
         except (StoreError, DecodeError) as exc:
             await self._release(stream_id, size)
-            code = ErrorCode.MISSING_BASE if isinstance(exc, MissingBase) else ErrorCode.INVALID_OBJECT
-            await self.send(Error(code=int(code), message=str(exc)[:1000]), stream_id)
+            if isinstance(exc, StoreUnavailable):
+                code = ErrorCode.UNAVAILABLE  # it resends once we reconcile again (Node._watch_store)
+            elif isinstance(exc, MissingBase):
+                code = ErrorCode.MISSING_BASE
+            else:
+                code = ErrorCode.INVALID_OBJECT
+            await self.answer(Error(code=int(code), message=str(exc)[:1000]), stream_id)
             self.conn.close_stream(stream_id)
             return
         self.info.objects_received += fresh
         await self._release(stream_id, size)
-        await self.send(Ack(ids=tuple(bytes.fromhex(i) for i in ids)), stream_id)
+        await self.answer(Ack(ids=tuple(bytes.fromhex(i) for i in ids)), stream_id)
         if message.final:
             self.conn.close_stream(stream_id)
 
@@ -552,18 +612,25 @@ class PeerSession:
     # ------------------------------------------------------------ liveness
 
     async def _keepalive(self) -> None:
+        # Announcing, pinging and the idle check each keep their own clock:
+        # a root that changes all the time must neither starve the idle
+        # check (a silent peer would stay "connected") nor the pings (an
+        # honest peer with nothing to say would look silent).
         config = self.node.config
         nonce = 0
+        next_ping = trio.current_time() + config.ping_seconds
         while True:
-            with trio.move_on_after(config.ping_seconds):
+            with trio.move_on_at(next_ping):
                 await self._announce.wait()
+            now = trio.current_time()
+            silent = now - self._last_heard
+            if silent > config.idle_timeout_seconds:
+                raise PeerGone(f"no word from the peer for {silent:.0f} s")
             if self._announce.is_set():
                 self._announce = trio.Event()
                 await self.send(Root(root=self.node.root(), count=len(self.node.index)))
                 self.node.note_sync(self.info)
-                continue
-            silent = trio.current_time() - self._last_heard
-            if silent > config.idle_timeout_seconds:
-                raise PeerGone(f"no word from the peer for {silent:.0f} s")
-            nonce += 1
-            await self.send(Ping(nonce=nonce))
+            if now >= next_ping:
+                nonce += 1
+                await self.send(Ping(nonce=nonce))
+                next_ping = now + config.ping_seconds

@@ -93,6 +93,8 @@ def format_status(status: dict) -> str:
         f"root     {short_id(status.get('root'))}  {_objects(status.get('objects'))}",
         f"sync     {_summary(peers)}",
     ]
+    if status.get("store_error"):
+        lines.append(f"store    {_text(status.get('store_error'))}: receiving paused, reads served")
     if status.get("schema") != SCHEMA:
         lines.append(f"note     status schema {status.get('schema')!r}; this ctxfs reads schema {SCHEMA}")
     if peers:

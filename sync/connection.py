@@ -51,6 +51,11 @@ RECENTLY_CLOSED = 1024
 # Smallest window a peer may advertise: one MIN_FRAME_SIZE frame of data
 # and room for a small OBJECTS message. Smaller windows only make traffic.
 MIN_WINDOW = 64 * 1024
+# Reassembly room beyond the connection window, for control messages (not
+# flow-controlled) that are half-sent. Honest ones are far smaller (a
+# RECONCILE step is ~100 KiB); a peer that leaves messages unfinished pins
+# at most our window plus this.
+MAX_CONTROL_BUFFERED = 4 * 1024 * 1024
 
 
 class State(enum.Enum):
@@ -132,6 +137,7 @@ class Connection:
         hello: Hello,
         dialer: bool,
         max_message_size: int = frames.DEFAULT_MAX_MESSAGE_SIZE,
+        max_control_buffered: int = MAX_CONTROL_BUFFERED,
     ) -> None:
         _check_own_hello(hello)
         self.our_hello = hello
@@ -140,7 +146,13 @@ class Connection:
         self.peer_hello: Hello | None = None
         self.version: int | None = None
         self._decoder = frames.FrameDecoder()
-        self._assembler = frames.MessageAssembler(max_message_size=max_message_size)
+        # Partial messages held at once, all streams together: our
+        # connection window (what flow control admits anyway) plus a little
+        # for control messages, never the assembler's generic 64 MiB.
+        self._assembler = frames.MessageAssembler(
+            max_message_size=max_message_size,
+            max_buffered_size=hello.connection_window + max_control_buffered,
+        )
         self._max_message_size = max_message_size
         self._flow: FlowController | None = None
         self._peer_max_frame_size = frames.MIN_FRAME_SIZE
@@ -203,6 +215,17 @@ class Connection:
             max_frame_size=self._peer_max_frame_size,
         )
 
+    def refuse(self, code: ErrorCode, reason: str) -> bytes:
+        """All we send a peer we will not serve (say, over a session limit):
+        our HELLO, then ERROR on stream 0; the connection is done (ERROR)."""
+        hello = self.start()
+        self.state = State.ERROR
+        payload = encode_payload(Error(code=int(code), message=reason[:MAX_REASON_LENGTH]))
+        return hello + frames.encode_frame(
+            frames.Frame(type=MessageType.ERROR, flags=0, stream_id=0, payload=payload),
+            max_frame_size=frames.MIN_FRAME_SIZE,
+        )
+
     # ------------------------------------------------------------ streams and credit
 
     def open_stream(self) -> int:
@@ -230,6 +253,16 @@ class Connection:
             self._peer_closed[stream_id] = None
             while len(self._peer_closed) > RECENTLY_CLOSED:
                 self._peer_closed.popitem(last=False)
+
+    def is_stream_open(self, stream_id: int) -> bool:
+        """Whether a message may be sent on `stream_id` now (stream 0: once HELLO is in).
+
+        A peer may send a request on a stream we already answered and
+        closed; the answer to that is silence, never a send that fails.
+        """
+        if self._flow is None or self.state is not State.OPEN:
+            return False
+        return stream_id == 0 or self._flow.is_open(stream_id)
 
     def take_credit(self) -> bytes:
         """CREDIT frames owed but not yet handed out (e.g. for data dropped on
