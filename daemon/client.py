@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,7 @@ class LocalClient(_Endpoint):
         self.server_hello: Hello | None = None
         self._inboxes: dict[int, _Inbox] = {}
         self._reader_done = trio.Event()
+        self._lost_is_guess = False
         self._closing = False
 
     @classmethod
@@ -221,11 +222,14 @@ class LocalClient(_Endpoint):
             self._reader_done.set()
 
     def _on_broken(self) -> None:
-        self._fail_all(ConnectionLost(ErrorCode.INTERNAL, "the connection to the daemon broke while sending"))
+        self._fail_all(ConnectionLost(ErrorCode.INTERNAL, "the connection to the daemon broke while sending"), guess=True)
 
-    def _fail_all(self, error: LocalApiError) -> None:
-        if self._lost is None:
+    def _fail_all(self, error: LocalApiError, *, guess: bool = False) -> None:
+        # A write that broke is only a symptom; the daemon's own ERROR or
+        # GOODBYE, read after it, says why, and replaces it.
+        if self._lost is None or (self._lost_is_guess and not guess):
             self._lost = error
+            self._lost_is_guess = guess
         for inbox in self._inboxes.values():
             inbox.fail(self._lost)
         self._credit_arrived()  # flow waiters look at _lost
@@ -259,10 +263,20 @@ class LocalClient(_Endpoint):
     async def _call(self, message: Message, answer: type) -> Any:
         stream_id, inbox = self._open()
         try:
-            await self.send(message, stream_id)
+            await self._sending(self.send(message, stream_id))
             return _expect(await inbox.get(), answer)
         finally:
             self._forget(stream_id)
+
+    async def _sending(self, sent: Awaitable[None]) -> None:
+        """Await a send; if the daemon closed under it, raise why it did."""
+        try:
+            await sent
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await self._reader_done.wait()  # it may have read the daemon's reason
+            lost = self._lost or ConnectionLost(ErrorCode.INTERNAL, "the daemon closed the connection")
+            raise type(lost)(lost.code, lost.message) from None
 
     async def push(self, contexts: Sequence[Any]) -> list[str]:
         """Store contexts through the daemon, in order; each is committed before the next is sent."""
@@ -271,7 +285,7 @@ class LocalClient(_Endpoint):
             message = PushContext(context=encode_context(context))
             stream_id, inbox = self._open()
             try:
-                await self.send_flow([(message, len(encode_payload(message)))], stream_id)
+                await self._sending(self.send_flow([(message, len(encode_payload(message)))], stream_id))
                 ack = _expect(await inbox.get(), Ack)
             finally:
                 self._forget(stream_id)

@@ -37,9 +37,9 @@ LOCK_TIMEOUT = 5.0
 # never blocking the reader keeps CREDIT frames flowing.
 MAX_REQUESTS_PER_CLIENT = 32
 # A stream's chunks are built in the store thread in batches: one thread hop
-# carries up to this many chunks or atoms. The first batch is one chunk, so
-# the first chunk is not delayed by its followers. What the server holds
-# beyond the client's window is at most one batch.
+# carries up to this many chunks or atoms, and never more bytes than the
+# client's window has room for (but one chunk). The first batch is one
+# chunk, so the first chunk is not delayed by its followers.
 STREAM_BATCH_CHUNKS = 32
 STREAM_BATCH_ATOMS = 4096
 # What the reader may queue for sending (CREDIT, PONG, refusals) while the
@@ -49,6 +49,10 @@ MAX_CONTROL_BACKLOG = 1024 * 1024
 # Contexts larger than this are decoded in a worker thread, off the event loop.
 INLINE_DECODE_BYTES = 64 * 1024
 LISTEN_BACKLOG = 64
+# Clients connected at once (the node's config may say otherwise); more are
+# told LIMIT_EXCEEDED and closed. Each may pin its window (32 MiB) plus
+# sync.connection.MAX_CONTROL_BUFFERED of partial messages.
+MAX_LOCAL_CLIENTS = 64
 # sun_path holds 108 bytes on Linux, NUL included.
 MAX_SOCKET_PATH = 107
 CLIENT_NODE_ID = bytes(32)
@@ -140,6 +144,23 @@ def _socket_path(paths: HomePaths) -> str:
             path,
         )
     return path
+
+
+async def send_and_close(stream: trio.abc.Stream, data: bytes) -> None:
+    """Send our last words (a refusal), then close within CLOSE_TIMEOUT.
+
+    A lingering close: what the other side sent meanwhile is read and
+    dropped, since closing with unread bytes would reset the connection
+    and could destroy our words before they are read.
+    """
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        try:
+            await stream.send_all(data)
+            while await stream.receive_some(64 * 1024):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    await trio.aclose_forcefully(stream)
 
 
 def _sole(group: BaseExceptionGroup) -> BaseException:
@@ -261,6 +282,7 @@ class _Endpoint:
         window); as many as the credit covers go in one write. `abandoned()`
         true, checked on every wakeup, raises _Abandoned instead.
         """
+        self._check_open()
         limit = self.conn.max_flow_message
         for message, size in messages:
             if size > limit:
@@ -287,6 +309,18 @@ class _Endpoint:
                     sent += 1
                 await self._write(b"".join(data))
                 self._sent_flow(len(data))
+
+    async def wait_for_capacity(self, stream_id: int, *, abandoned: Callable[[], bool]) -> None:
+        """Until the peer's window has room on the stream (raises _Abandoned
+        if the request is given up meanwhile)."""
+        while True:
+            self._check_open()
+            if abandoned():
+                raise _Abandoned
+            arrived = self._credit
+            if self.conn.send_capacity(stream_id) > 0:
+                return
+            await self._wait_credit(arrived)
 
     def _sent_flow(self, count: int) -> None:
         """Hook: `count` flow-controlled messages went out."""

@@ -29,12 +29,13 @@ from typing import Any
 import attrs
 import trio
 
+from daemon.logs import RateLimitedLog, forget_traceback as _forget_traceback
 from daemon.paths import HomePaths
 from sync import frames
 from sync.codec import DecodeError, decode_context
 from sync.connection import Connection, ConnectionClosed, Received, State
 from sync.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from sync.expand import stream_expansion
+from sync.expand import StreamCursor
 from sync.flow import FlowStatistics
 from sync.messages import (
     FLOW_CONTROLLED,
@@ -63,12 +64,13 @@ from sync.messages import (
 )
 from sync.model import check_id, is_id
 from sync.query import ContextQuery
-from sync.store import MissingBase, NotFound, StoreError
+from sync.store import MissingBase, NotFound, StoreError, StoreUnavailable
 
 from daemon.endpoint import (
     ConnectionLost,
     DaemonAlreadyRunning,
     DaemonNotRunning,
+    CLOSE_TIMEOUT,
     HELLO_TIMEOUT,
     INLINE_DECODE_BYTES,
     LISTEN_BACKLOG,
@@ -78,10 +80,12 @@ from daemon.endpoint import (
     PROBE_TIMEOUT,
     STREAM_BATCH_ATOMS,
     STREAM_BATCH_CHUNKS,
+    MAX_LOCAL_CLIENTS,
     _Abandoned,
     _Endpoint,
     _socket_path,
     atom_root,
+    send_and_close,
     filter_expansion,
     logger,
 )
@@ -97,6 +101,9 @@ __all__ = [
 # --------------------------------------------------------------------------
 # the server
 # --------------------------------------------------------------------------
+
+_refusals = RateLimitedLog(logger)
+_errors = RateLimitedLog(logger, interval=600.0)  # our bugs: once per class per 10 min
 
 
 @attrs.frozen(kw_only=True)
@@ -117,13 +124,17 @@ class LocalApiStatistics:
 
 async def serve_local_api(node: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the local API of `node` until cancelled."""
-    await LocalApiServer(node).serve(task_status=task_status)
+    config = getattr(node, "config", None)
+    limit = config.max_local_clients if config is not None else MAX_LOCAL_CLIENTS
+    await LocalApiServer(node, max_clients=limit).serve(task_status=task_status)
 
 
 class LocalApiServer:
-    def __init__(self, node: Any, *, max_message_size: int = frames.DEFAULT_MAX_MESSAGE_SIZE) -> None:
+    def __init__(self, node: Any, *, max_message_size: int = frames.DEFAULT_MAX_MESSAGE_SIZE,
+                 max_clients: int = MAX_LOCAL_CLIENTS) -> None:
         self.node = node
         self.max_message_size = max_message_size
+        self.max_clients = max_clients
         self._sessions: set[_Session] = set()
         self._served = 0
 
@@ -148,17 +159,29 @@ class LocalApiServer:
             _remove_if_ours(path, identity)
 
     async def _serve_client(self, stream: trio.abc.Stream) -> None:
-        session = None
         self._served += 1
+        if len(self._sessions) >= self.max_clients:
+            await self._refuse(stream)
+            return
+        session = _Session(self, stream)
+        self._sessions.add(session)
         try:
-            session = _Session(self, stream)
-            self._sessions.add(session)
             await session.run()
-        except Exception:
-            # A bug serving one client must not take the daemon down.
-            logger.exception("local API client failed")
+        except Exception as exc:
+            # A bug serving one client must not take the daemon down; its
+            # traceback must not keep the session alive either.
+            _errors.error(type(exc).__name__, "local API client failed", exc_info=exc)
+            _forget_traceback(exc)
+            del exc
         finally:
             self._sessions.discard(session)
+            await trio.aclose_forcefully(stream)
+
+    async def _refuse(self, stream: trio.abc.Stream) -> None:
+        _refusals.warning("clients", "local API: refused a client, %d connected already", self.max_clients)
+        refusal = Connection(hello=_server_hello(self.node), dialer=False).refuse(
+            ErrorCode.LIMIT_EXCEEDED, f"the daemon serves at most {self.max_clients} local clients at once; try again later")
+        await send_and_close(stream, refusal)
 
 
 async def _bind_api_socket(paths: HomePaths) -> tuple[trio.socket.SocketType, tuple[int, int]]:
@@ -238,6 +261,8 @@ def _server_hello(node: Any) -> Hello:
 def _error_reply(exc: Exception) -> Error:
     if isinstance(exc, LocalApiError):
         code = exc.code
+    elif isinstance(exc, StoreUnavailable):
+        code = ErrorCode.UNAVAILABLE
     elif isinstance(exc, MissingBase):
         code = ErrorCode.MISSING_BASE
     elif isinstance(exc, NotFound):
@@ -250,6 +275,16 @@ def _error_reply(exc: Exception) -> Error:
         logger.exception("local API request failed")
         return Error(code=int(ErrorCode.INTERNAL), message=f"internal error ({type(exc).__name__}); see the daemon's log")
     return Error(code=int(code), message=str(exc)[:MAX_REASON_LENGTH])
+
+
+# Request type -> the _Session method serving it. Names, not bound methods
+# kept on the session: those would make every session a reference cycle.
+_HANDLERS = {
+    ExpandRequest: "_expand",
+    StreamRequest: "_stream",
+    QueryRequest: "_query",
+    StatusRequest: "_status",
+}
 
 
 @attrs.define
@@ -269,13 +304,8 @@ class _Session(_Endpoint):
         # fills, as no more than MAX_REQUESTS_PER_CLIENT are admitted.
         self._push_send, self._push_receive = trio.open_memory_channel(MAX_REQUESTS_PER_CLIENT)
         self._nursery: trio.Nursery | None = None
-        self._handlers = {
-            ExpandRequest: self._expand,
-            StreamRequest: self._stream,
-            QueryRequest: self._query,
-            StatusRequest: self._status,
-        }
         self._client_left = False
+        self._build_lock = trio.Lock()  # see _stream
         # Stream ids only grow and are never reused (sync.frames): a request
         # on an id at or below this one is on a finished stream.
         self._last_request_stream = 0
@@ -381,7 +411,7 @@ class _Session(_Endpoint):
     def _admit(self, event: Received) -> None:
         message, stream_id = event.message, event.stream_id
         held = event.size if message.TYPE in FLOW_CONTROLLED else 0
-        if not isinstance(message, PushContext) and type(message) not in self._handlers:
+        if not isinstance(message, PushContext) and type(message) not in _HANDLERS:
             error = Error(code=int(ErrorCode.BAD_REQUEST), message=f"the local API does not take {message.TYPE.name}")
         elif len(self._requests) >= MAX_REQUESTS_PER_CLIENT:
             error = Error(
@@ -394,7 +424,8 @@ class _Session(_Endpoint):
             return
         else:
             request = self._requests[stream_id] = _Request()
-            self._nursery.start_soon(self._run_request, self._handlers[type(message)], stream_id, message, request)
+            handler = getattr(self, _HANDLERS[type(message)])
+            self._nursery.start_soon(self._run_request, handler, stream_id, message, request)
             return
         self.send_nowait(error, stream_id, close=True, release=held)
 
@@ -402,10 +433,12 @@ class _Session(_Endpoint):
         try:
             try:
                 reply = await handler(stream_id, message, request)
-            except (ConnectionLost, _Abandoned):
-                reply = None
+            except (ConnectionLost, _Abandoned, trio.BrokenResourceError, trio.ClosedResourceError):
+                reply = None  # the client gave up or left: a normal end, nothing to say
             except Exception as exc:
-                reply = _error_reply(exc)
+                # Left while we worked? Then whatever failed has no one to tell.
+                reply = _error_reply(exc) if self.conn.state is State.OPEN else None
+                del exc
             if reply is None or request.abandoned:
                 self.conn.close_stream(stream_id)
                 return
@@ -478,22 +511,34 @@ class _Session(_Endpoint):
     async def _stream(self, stream_id: int, request: StreamRequest, progress: _Request) -> StreamEnd:
         if request.chunk_size > MAX_ATOMS_PER_MESSAGE:
             raise LocalApiError(ErrorCode.LIMIT_EXCEEDED, f"chunk_size is at most {MAX_ATOMS_PER_MESSAGE}")
-        chunks = stream_expansion(
-            self.node.store,
-            request.id.hex(),
+        cursor = StreamCursor(
+            target=request.id.hex(),
             relevance_threshold=request.relevance_threshold,
             chunk_size=request.chunk_size,
             max_tokens_per_chunk=request.max_tokens_per_chunk,
-            expander=self.node.expander,
         )
-        batch_chunks = 1
-        while True:
-            batch = await self.node.run_sync(_next_batch, chunks, batch_chunks, STREAM_BATCH_ATOMS)
-            batch_chunks = STREAM_BATCH_CHUNKS
-            self.chunks_produced += len(batch)
-            await self.send_flow(batch, stream_id, abandoned=lambda: progress.abandoned)
-            if not batch or batch[-1][0].is_final:
-                return StreamEnd()
+        batch_chunks = 1  # the first chunk alone: its followers must not delay it
+        abandoned = lambda: progress.abandoned  # noqa: E731
+        while not cursor.done:
+            # Build only for room the reader has opened: a stalled reader
+            # costs its stream a cursor, nothing built. Streams of one client
+            # share the connection window, so one builds and sends at a time,
+            # and each sees the room the others left.
+            await self.wait_for_capacity(stream_id, abandoned=abandoned)
+            async with self._build_lock:
+                budget = self.conn.send_capacity(stream_id)
+                if not budget:
+                    continue
+                batch = await self.node.run_sync(
+                    _next_batch, cursor, self.node.store, self.node.expander, batch_chunks, budget)
+                batch_chunks = STREAM_BATCH_CHUNKS
+                self.chunks_produced += len(batch)
+                fits = sum(size for _, size in batch) <= budget
+                if fits:
+                    await self.send_flow(batch, stream_id, abandoned=abandoned)
+            if not fits:  # one chunk larger than the room: it waits alone, lock released
+                await self.send_flow(batch, stream_id, abandoned=abandoned)
+        return StreamEnd()
 
     def _sent_flow(self, count: int) -> None:
         self.chunks_sent += count
@@ -524,11 +569,16 @@ class _Session(_Endpoint):
         return StatusResponse(status=self.node.status())
 
 
-def _next_batch(chunks, max_chunks: int, max_atoms: int) -> list[tuple[StreamChunk, int]]:
-    """Runs in the store thread: the next chunks as messages, with their sizes."""
+def _next_batch(cursor: StreamCursor, store, expander, max_chunks: int, budget: int) -> list[tuple[StreamChunk, int]]:
+    """Runs in the store thread: the next chunks as messages, with their sizes.
+
+    As many as fit `budget` bytes (the reader's window now), and always at
+    least one: a chunk larger than the window waits for it alone. The
+    cursor moves past what is returned.
+    """
     batch = []
-    atoms = 0
-    for chunk in chunks:
+    spent = 0
+    for chunk in cursor.next_chunks(store, expander, max_chunks=max_chunks, max_atoms=STREAM_BATCH_ATOMS):
         message = StreamChunk(
             chunk_id=chunk.chunk_id,
             atoms=chunk.atoms,
@@ -536,10 +586,10 @@ def _next_batch(chunks, max_chunks: int, max_atoms: int) -> list[tuple[StreamChu
             cumulative_tokens=chunk.cumulative_tokens,
             progress=chunk.expansion_progress,
         )
-        batch.append((message, len(encode_payload(message))))
-        atoms += len(chunk.atoms)
-        if chunk.is_final or len(batch) >= max_chunks or atoms >= max_atoms:
+        size = len(encode_payload(message))
+        if batch and spent + size > budget:
             break
+        batch.append((message, size))
+        spent += size
+        cursor.advance(chunk)
     return batch
-
-

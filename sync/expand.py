@@ -158,6 +158,17 @@ class ExpanderFunctor:
             state.ordered = sorted(state.atoms.values())
         return state.ordered
 
+    def ordered(self, context_id: str) -> list[_Entry]:
+        """The ordered live atoms of a stored context, memoised.
+
+        The list is the expander's own, shared by every caller: read it,
+        never change it.
+        """
+        state = self._state_of(context_id)
+        if state.ordered is None:
+            state.ordered = sorted(state.atoms.values())
+        return state.ordered
+
     def expand(self, target: CompressedContext | str) -> ExpandedContext:
         """Expand a stored context by id, or a context object over a stored base."""
         if isinstance(target, str):
@@ -257,10 +268,7 @@ def stream_expansion(
     straight from it; otherwise the lineage is scanned once in raw form and
     atom objects are built only as chunks are handed out.
     """
-    if chunk_size < 1:
-        raise ValueError("chunk_size must be at least 1")
-    if max_tokens_per_chunk < 1:
-        raise ValueError("max_tokens_per_chunk must be at least 1")
+    _check_chunking(chunk_size, max_tokens_per_chunk)
     remembered = expander.remembered(target) if expander is not None and isinstance(target, str) else None
     if remembered is not None:
         count = bisect.bisect_right(remembered, -relevance_threshold, key=lambda e: e[0])
@@ -273,8 +281,85 @@ def stream_expansion(
     yield from _chunked(popped, len(heap), chunk_size, max_tokens_per_chunk)
 
 
-def _chunked(atoms: Iterator[MemoryAtom], total: int, chunk_size: int, max_tokens: int) -> Iterator[ExpansionChunk]:
-    chunk_id = cumulative = emitted = 0
+@attrs.define
+class StreamCursor:
+    """Where one streaming expansion stands: all a stream keeps between batches.
+
+    A server streaming to a reader that has stopped holds this (a few
+    numbers), never the expansion: each batch takes its atoms from the
+    expander's memoised expansion, which every stream of that context
+    shares and whose size the expander's cache bounds. Only the first
+    chunk of a context the expander does not hold comes from one lazy
+    pass over the lineage (as `stream_expansion` does), so a first chunk
+    does not wait for the whole expansion.
+    """
+
+    target: str
+    relevance_threshold: float = 0.0
+    chunk_size: int = 10
+    max_tokens_per_chunk: int = 500
+    position: int = 0  # atoms handed out so far
+    chunk_id: int = 0  # of the next chunk
+    cumulative_tokens: int = 0
+    done: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        _check_chunking(self.chunk_size, self.max_tokens_per_chunk)
+
+    def next_chunks(self, store: ContextStore, expander: ExpanderFunctor, *, max_chunks: int,
+                    max_atoms: int) -> list[ExpansionChunk]:
+        """Up to `max_chunks` chunks (and about `max_atoms` atoms) from here on.
+
+        Does not move the cursor: `advance` past each chunk actually sent.
+        """
+        if self.done:
+            return []
+        if self.position == 0 and expander.remembered(self.target) is None:
+            return [self._cold_first_chunk(store)]
+        ordered = expander.ordered(self.target)
+        total = bisect.bisect_right(ordered, -self.relevance_threshold, key=lambda e: e[0])
+        atoms = (e[4] for e in itertools.islice(ordered, self.position, total))
+        chunks = _chunked(atoms, total, self.chunk_size, self.max_tokens_per_chunk,
+                          chunk_id=self.chunk_id, cumulative=self.cumulative_tokens, emitted=self.position)
+        return _take(chunks, max_chunks, max_atoms)
+
+    def _cold_first_chunk(self, store: ContextStore) -> ExpansionChunk:
+        entries = _live_atoms(store, self.target, self.relevance_threshold)
+        best = heapq.nsmallest(self.chunk_size, entries)  # a chunk never holds more
+        atoms = (codec.atom_from_raw(entry[3]) for entry in best)
+        chunk = next(_chunked(atoms, len(entries), self.chunk_size, self.max_tokens_per_chunk))
+        # _chunked saw only the best few atoms: whether more follow is the count's to say.
+        return attrs.evolve(chunk, is_final=len(chunk.atoms) == len(entries))
+
+    def advance(self, chunk: ExpansionChunk) -> None:
+        """The chunk went out: the next one follows it."""
+        self.position += len(chunk.atoms)
+        self.chunk_id = chunk.chunk_id + 1
+        self.cumulative_tokens = chunk.cumulative_tokens
+        self.done = chunk.is_final
+
+
+def _take(chunks: Iterator[ExpansionChunk], max_chunks: int, max_atoms: int) -> list[ExpansionChunk]:
+    taken: list[ExpansionChunk] = []
+    atoms = 0
+    for chunk in chunks:
+        taken.append(chunk)
+        atoms += len(chunk.atoms)
+        if chunk.is_final or len(taken) >= max_chunks or atoms >= max_atoms:
+            break
+    return taken
+
+
+def _check_chunking(chunk_size: int, max_tokens_per_chunk: int) -> None:
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be at least 1")
+    if max_tokens_per_chunk < 1:
+        raise ValueError("max_tokens_per_chunk must be at least 1")
+
+
+def _chunked(atoms: Iterator[MemoryAtom], total: int, chunk_size: int, max_tokens: int, *,
+             chunk_id: int = 0, cumulative: int = 0, emitted: int = 0) -> Iterator[ExpansionChunk]:
+    """Chunks of `atoms` (the `total - emitted` not yet handed out), numbered from `chunk_id`."""
     held = next(atoms, None)
     while True:
         chunk: list[MemoryAtom] = []

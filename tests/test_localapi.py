@@ -158,12 +158,13 @@ def big_context(n: int = 3000) -> CompressedContext:
 class RawClient:
     """A hand-driven protocol client for malformed and low-level traffic."""
 
-    def __init__(self, stream: trio.SocketStream, *, stream_window: int = 16 * 2**20) -> None:
+    def __init__(self, stream: trio.SocketStream, *, stream_window: int = 16 * 2**20,
+                 connection_window: int = 32 * 2**20) -> None:
         self.stream = stream
         self.conn = Connection(
             hello=Hello(
                 magic=MAGIC, versions=PROTOCOL_VERSIONS, node_id=bytes(32), max_frame_size=frames.DEFAULT_MAX_FRAME_SIZE,
-                stream_window=stream_window, connection_window=32 * 2**20, root=bytes(32), count=0,
+                stream_window=stream_window, connection_window=connection_window, root=bytes(32), count=0,
             ),
             dialer=True,
         )
