@@ -25,7 +25,7 @@ import collections
 import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -93,6 +93,10 @@ class PeerGone(Exception):
 
 class Duplicate(PeerGone):
     pass
+
+
+class PushRefused(Exception):
+    """The peer refused a push while it waited for credit (never leaves _push)."""
 
 
 async def run_session(node, stream: trio.abc.Stream, info, *, dialer: bool) -> None:
@@ -314,11 +318,17 @@ class PeerSession:
         if self.conn.is_stream_open(stream_id):
             await self.send(message, stream_id)
 
-    async def send_flow(self, message: Message, stream_id: int) -> None:
+    async def send_flow(self, message: Message, stream_id: int, *, refused: Callable[[], bool] | None = None) -> None:
         """Send a flow-controlled message once the peer's credit allows it,
-        returning when the writer has written it (one bulk message at a time)."""
+        returning when the writer has written it (one bulk message at a time).
+
+        `refused()` true while waiting raises PushRefused: a receiver that
+        refused the stream closed it and grants no more credit for it.
+        """
         size = len(encode_payload(message))
         while self.conn.send_capacity(stream_id) < size:
+            if refused is not None and refused():
+                raise PushRefused
             self._credit = trio.Event() if self._credit.is_set() else self._credit
             await self._credit.wait()
             self._check_sendable(message)
@@ -416,8 +426,12 @@ class PeerSession:
             if channel is not None:
                 channel.close()
             self._end_responder(stream_id)  # the initiator gave up on its session
-            # A refused push: those ids go back to "not sent", for the next round.
-            self._unacked -= self._pushing.pop(stream_id, set())
+            # A refused push: those ids go back to "not sent", for the next
+            # round; the pusher stops sending on that stream (see _push).
+            refused = self._pushing.pop(stream_id, None)
+            if refused is not None:
+                self._unacked -= refused
+                self._credit.set()
             if message.code == ErrorCode.RETRY:
                 log.debug("peer %s: stream %d: %s", self.info.address, stream_id, message.message)
                 return
@@ -548,6 +562,17 @@ class PeerSession:
         # holds one message of bytes, not everything it has to send.
         order = await self.node.run_sync(self.node.store.send_order, [i.hex() for i in ids])
         limit = min(OBJECTS_BATCH_BYTES, self.conn.max_flow_message - 64 * 1024)
+        too_large = [cid for cid, length in order if length + 1024 > limit]
+        if too_large:
+            # Its window can never take them (a peer may grant as little as
+            # 64 KiB): waiting for that credit would stop this pusher for good.
+            self.info.error = f"the peer's window is too small for {len(too_large)} contexts (e.g. {too_large[0][:12]})"
+            _warn.warning(f"{self.info.address}:window", "peer %s: %s", self.info.address, self.info.error)
+            skipped = {bytes.fromhex(cid) for cid in too_large}
+            self._unacked -= skipped
+            order = [(cid, length) for cid, length in order if bytes.fromhex(cid) not in skipped]
+            if not order:
+                return
         batches: list[list[str]] = [[]]
         size = 0
         for cid, length in order:
@@ -558,12 +583,16 @@ class PeerSession:
             size += length + 40
         stream_id = self.conn.open_stream()
         self._pushing[stream_id] = {bytes.fromhex(cid) for cid, _ in order}
+        refused = lambda: stream_id not in self._pushing  # noqa: E731  (ERROR on the stream)
         for number, batch in enumerate(batches, 1):
-            if stream_id not in self._pushing:
-                break  # the peer refused this push (ERROR on its stream): send no more of it
+            if refused():
+                break  # send no more of a push the peer refused
             blobs = await self.node.run_sync(self.node.store.get_many_bytes, batch)
             message = Objects(ids=tuple(bytes.fromhex(c) for c in batch), objects=tuple(blobs), final=number == len(batches))
-            await self.send_flow(message, stream_id)
+            try:
+                await self.send_flow(message, stream_id, refused=refused)
+            except PushRefused:
+                break
         self.conn.close_stream(stream_id)  # ACKs still arrive; credit for it is moot
 
     async def _storer(self) -> None:

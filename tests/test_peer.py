@@ -183,8 +183,11 @@ async def test_a_full_disk_pauses_receiving_and_sync_resumes_by_itself(tmp_path,
         pages = await a.run_sync(lambda: a.store._db.execute("PRAGMA page_count").fetchone()[0])
         await a.run_sync(lambda: a.store._db.execute(f"PRAGMA max_page_count = {pages}"))
         b = await start_node(nursery, tmp_path, "b", peers=[a.listen_address])
-        filler = " ".join(f"word{i}" for i in range(2000))
-        await b.add_contexts([context(f"{filler} {i}") for i in range(20)])
+        # More than one stream window (16 MiB): a refused push once went on
+        # sending, ran out of stream credit the receiver never grants for a
+        # closed stream, and stopped B's pusher for good.
+        filler = " ".join(f"word{i}" for i in range(60_000))  # ~600 KB
+        await b.add_contexts([context(f"{filler} {i}") for i in range(40)])
         with trio.fail_after(BOUND):
             while a.status()["store_error"] != "disk full":
                 await trio.sleep(0.02)
@@ -192,8 +195,8 @@ async def test_a_full_disk_pauses_receiving_and_sync_resumes_by_itself(tmp_path,
         assert a.sessions and row["state"] == "connected"  # paused, not dropped
         assert (await a.run_sync(a.expander.expand, kept)).atoms  # reads are served
         assert len(a.index) == 1
-        await a.run_sync(lambda: a.store._db.execute(f"PRAGMA max_page_count = {pages * 1000}"))
+        await a.run_sync(lambda: a.store._db.execute(f"PRAGMA max_page_count = {pages * 100_000}"))
         await wait_converged([a, b], bound=BOUND)
-        assert len(a.index) == 21 and a.status()["store_error"] is None
+        assert len(a.index) == 41 and a.status()["store_error"] is None
         assert await a.run_sync(lambda: list(a.store.fsck())) == []
         nursery.cancel_scope.cancel()
