@@ -134,7 +134,7 @@ def _map_failure(session: PeerSession, info, exc: Exception) -> bytes:
     elif isinstance(exc, RemoteProtocolError):
         info.error = f"protocol error: {exc.message}"
         _warn.warning(info.address, "peer %s: %s", info.address, exc.message)
-        if session.conn.state.value not in ("closed", "error") and not session.torn_write:
+        if not session.torn_write:  # (the connection is in ERROR already: it raised)
             return session.conn.failure_bytes(exc)
     elif isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
         refused = tls.refusal(exc)

@@ -200,3 +200,27 @@ async def test_a_full_disk_pauses_receiving_and_sync_resumes_by_itself(tmp_path,
         assert len(a.index) == 41 and a.status()["store_error"] is None
         assert await a.run_sync(lambda: list(a.store.fsck())) == []
         nursery.cancel_scope.cancel()
+
+
+async def test_a_frame_that_breaks_the_protocol_gets_a_declared_error_then_close(tmp_path):
+    import struct
+
+    from sync.connection import NEED_DATA
+    from sync.errors import ErrorCode
+    from sync.messages import Error
+
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, tmp_path, "a")
+        hostile = await HostileMember.connect(a.listen_address, tmp_path, "hostile", root=a.root())
+        await hostile.send_raw(struct.pack(">BBII", 0x7E, 0, 0, 1) + b"\x90")  # a type nobody knows
+        rest = await hostile.read_until_closed(5)
+        if rest:
+            hostile.conn.receive_data(rest)
+        events = []
+        while (event := hostile.conn.next_event()) is not NEED_DATA:
+            events.append(event)
+            if not hasattr(event, "message"):
+                break
+        errors = [e.message for e in events if hasattr(e, "message") and isinstance(e.message, Error)]
+        assert errors and errors[-1].code == ErrorCode.UNKNOWN_MESSAGE
+        nursery.cancel_scope.cancel()
