@@ -1,0 +1,168 @@
+"""What every part of the chaos campaign shares: the outcome record, the
+test helpers on sys.path, and the watchers the hostile parts run."""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import math
+import struct
+import sys
+import types
+from datetime import datetime, timezone
+from pathlib import Path
+
+import attrs
+import trio
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+if importlib.util.find_spec("pytest") is None:
+    # A venv without the test extra: the helpers import pytest only for fixtures.
+    sys.modules["pytest"] = types.SimpleNamespace(fixture=lambda f: f, skip=None)
+
+from daemon.localapi import LocalClient  # noqa: E402
+from daemon.paths import HomePaths  # noqa: E402
+from sync import T_STRING, CompressedContext, MemoryAtom  # noqa: E402
+from sync.errors import ErrorCode  # noqa: E402
+from sync.messages import MessageType, decode_payload  # noqa: E402
+
+WHEN = datetime(2026, 11, 29, tzinfo=timezone.utc)
+# How often the hostile parts sample the daemon's RSS.
+RSS_PERIOD = 0.25
+# How long a healthy peer's push may take to reach the daemon under attack
+# before it counts as lost.
+HEALTHY_BOUND = 60.0
+# The healthy peer pushes one context this often.
+HEALTHY_PERIOD = 0.5
+
+
+@attrs.define
+class Outcome:
+    """One part's verdict and the figures docs/reliability.md records."""
+
+    part: str
+    ok: bool
+    figures: dict = attrs.field(factory=dict)
+
+
+def context(text: str, base: str | None = None) -> CompressedContext:
+    return CompressedContext(base, [MemoryAtom(text, T_STRING, WHEN, "chaos", 0.5)])
+
+
+def seed_contexts(home: Path, count: int, *, tag: str) -> list[bytes]:
+    """Push `count` contexts (chains of ten) through the daemon of `home`; their ids."""
+
+    async def push() -> list[str]:
+        contexts, base = [], None
+        for i in range(count):
+            ctx = context(f"{tag} seed {i}", base if i % 10 else None)
+            contexts.append(ctx)
+            base = ctx.id
+        async with LocalClient.connect(HomePaths(home)) as client:
+            return await client.push(contexts)
+
+    return [bytes.fromhex(i) for i in trio.run(push)]
+
+
+class RssWatch:
+    """Samples a process's resident set size; `max_mb` is the highest seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.max_mb = 0.0
+        self.samples: list[float] = []
+
+    def sample(self) -> float | None:
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    mb = int(line.split()[1]) / 1024
+                    self.max_mb = max(self.max_mb, mb)
+                    self.samples.append(mb)
+                    return mb
+        except OSError:
+            return None
+        return None
+
+    async def run(self) -> None:
+        while True:
+            self.sample()
+            await trio.sleep(RSS_PERIOD)
+
+
+class ReplyCounter:
+    """Reads what the daemon sends a hostile peer; counts declared and
+    undeclared replies (an unknown type, or an ERROR with an unknown code)."""
+
+    def __init__(self) -> None:
+        self.types: collections.Counter = collections.Counter()
+        self.errors: collections.Counter = collections.Counter()
+        self.undeclared = 0
+
+    async def read(self, stream: trio.abc.Stream, closed: trio.Event) -> None:
+        """Until the daemon closes the connection (then `closed` is set)."""
+        buffer = bytearray()
+        try:
+            while chunk := await stream.receive_some(65536):
+                buffer += chunk
+                self._parse(buffer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            closed.set()
+
+    def _parse(self, buffer: bytearray) -> None:
+        while len(buffer) >= 10:
+            msg_type, flags, _stream, length = struct.unpack_from(">BBII", buffer)
+            if len(buffer) < 10 + length:
+                return
+            payload = bytes(buffer[10:10 + length])
+            del buffer[:10 + length]
+            try:
+                kind = MessageType(msg_type)
+            except ValueError:
+                self.undeclared += 1
+                continue
+            self.types[kind.name] += 1
+            if kind is MessageType.ERROR and not flags:
+                try:
+                    code = decode_payload(kind, payload).code
+                    self.errors[ErrorCode(code).name] += 1
+                except ValueError:
+                    self.undeclared += 1
+
+    def errors_summary(self) -> str:
+        return " ".join(f"{name}:{count}" for name, count in self.errors.most_common()) or "none"
+
+
+def store_holds(store: Path, context_id: str) -> bool:
+    """Read straight from a daemon's SQLite file (read-only): its API may be
+    the thing under attack."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5)
+    try:
+        return db.execute("SELECT 1 FROM contexts WHERE id = ?", (bytes.fromhex(context_id),)).fetchone() is not None
+    finally:
+        db.close()
+
+
+async def healthy_pusher(source: Path, target: Path, pushed: list[str], lags: list[float]) -> None:
+    """An honest peer's work: push a context on `source` every HEALTHY_PERIOD
+    and time its arrival in `target`'s store; one that never arrives has lag inf."""
+    n = 0
+    async with LocalClient.connect(HomePaths(source)) as writer:
+        while True:
+            n += 1
+            [cid] = await writer.push([context(f"healthy {n} {trio.current_time()}")])
+            pushed.append(cid)
+            started = trio.current_time()
+            lag = math.inf
+            with trio.move_on_after(HEALTHY_BOUND):
+                while not await trio.to_thread.run_sync(store_holds, target / "store.db", cid):
+                    await trio.sleep(0.02)
+                lag = trio.current_time() - started
+            lags.append(lag)
+            await trio.sleep(HEALTHY_PERIOD)
