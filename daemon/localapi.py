@@ -70,7 +70,6 @@ from daemon.endpoint import (
     ConnectionLost,
     DaemonAlreadyRunning,
     DaemonNotRunning,
-    CLOSE_TIMEOUT,
     HELLO_TIMEOUT,
     INLINE_DECODE_BYTES,
     LISTEN_BACKLOG,

@@ -26,7 +26,7 @@ from pathlib import Path
 import trio
 
 import chaos_common
-from chaos_common import Outcome, ReplyCounter, RssWatch, context, healthy_pusher
+from chaos_common import Attack, Outcome, context, healthy_pusher
 from chaos_frames import Forge
 from daemon.localapi import LocalClient
 from daemon.paths import HomePaths
@@ -40,6 +40,8 @@ from process_helpers import Cluster
 STALLED_ATOMS = 40_000
 # A client that says HELLO must hear the daemon's within this.
 HELLO_BOUND = 10.0
+# Frames a fuzzing client sends before it reconnects on its own.
+FRAMES_PER_CONNECTION = 400
 
 
 def add_arguments(parser) -> None:
@@ -60,36 +62,19 @@ def run(options) -> Outcome:
         b = cluster.daemon("b", peers=[a])
         seeded = chaos_common.seed_contexts(a.home, 100, tag="clients")
         big = trio.run(push_big, a.home)
-        result = trio.run(_campaign, options, a, b, seeded + [bytes.fromhex(big)], bytes.fromhex(big))
-        alive = a.running
-        fsck = a.ctxfs("fsck", check=False).returncode if alive else None
-        lost = [cid for cid in result["healthy_ids"] if not chaos_common.store_holds(a.home / "store.db", cid)]
+        attack = Attack(a)
+        flood = trio.run(_campaign, options, attack, b, seeded + [bytes.fromhex(big)], bytes.fromhex(big))
+        fsck = a.ctxfs("fsck", check=False).returncode if a.running else None
+        lost = sum(1 for cid in attack.healthy_ids if not chaos_common.store_holds(a.home / "store.db", cid))
     finally:
         cluster.close()
         if not options.keep:
             shutil.rmtree(root, ignore_errors=True)
-    replies: ReplyCounter = result["replies"]
-    figures = {
-        "frames": result["frames"],
-        "connections": result["connections"],
-        "errors_by_code": replies.errors_summary(),
-        "undeclared_replies": replies.undeclared,
-        "stalled_streams": options.stalled * 32,
-        "idle_accepted": result["idle_accepted"],
-        "idle_refused": result["idle_refused"],
-        "served_after_flood": result["served_after"],
-        "max_rss_mb": round(result["rss"].max_mb, 1),
-        "rss_bound_mb": options.rss_bound_mb,
-        "healthy_pushed": len(result["healthy_ids"]),
-        "healthy_lag_s_max": round(max(result["lags"], default=0.0), 2),
-        "healthy_lost": len(lost),
-        "daemon_exits": 0 if alive else 1,
-        "fsck": "ok" if fsck == 0 else f"exit {fsck}",
-    }
-    ok = (alive and fsck == 0 and replies.undeclared == 0 and not lost and result["served_after"]
-          and result["idle_refused"] == max(0, options.idle - result["idle_accepted"])
-          and result["rss"].max_mb < options.rss_bound_mb and result["frames"] >= options.frames)
+    figures = attack.figures(fsck=fsck, lost=lost, rss_bound_mb=options.rss_bound_mb)
+    figures.update(stalled_streams=options.stalled * 32, **flood)
     print(f"clients: {figures}")
+    ok = (attack.held(fsck=fsck, lost=lost, rss_bound_mb=options.rss_bound_mb, frames_wanted=options.frames)
+          and flood["served_after_flood"] and flood["idle_refused"] == options.idle - flood["idle_accepted"])
     return Outcome(part="clients", ok=ok, figures=figures)
 
 
@@ -103,29 +88,28 @@ async def push_big(home: Path) -> str:
     return cid
 
 
-async def _campaign(options, a, b, ids: list[bytes], big: bytes) -> dict:
-    state = {"frames": 0, "connections": 0, "replies": ReplyCounter(), "rss": RssWatch(a.pid),
-             "healthy_ids": [], "lags": [], "alive": lambda: a.running, "idle_accepted": 0, "idle_refused": 0, "served_after": False}
-    socket_path = str(HomePaths(a.home).api_socket)
+async def _campaign(options, attack: Attack, b, ids: list[bytes], big: bytes) -> dict:
+    socket_path = str(HomePaths(attack.daemon.home).api_socket)
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(state["rss"].run)
-        nursery.start_soon(healthy_pusher, b.home, a.home, state["healthy_ids"], state["lags"])
-        async with trio.open_nursery() as attack:
+        nursery.start_soon(attack.rss.run)
+        nursery.start_soon(healthy_pusher, b.home, attack.daemon.home, attack.healthy_ids, attack.lags)
+        async with trio.open_nursery() as stalled:
             stalled_done = trio.Event()
-            for index in range(options.stalled):
-                attack.start_soon(stalled_reader, socket_path, big, stalled_done)
+            for _ in range(options.stalled):
+                stalled.start_soon(stalled_reader, socket_path, big, stalled_done)
             async with trio.open_nursery() as fuzzers:
                 for index in range(options.fuzzers):
+                    share = options.frames // options.fuzzers + (index < options.frames % options.fuzzers)
                     rng = random.Random(options.seed * 1000 + index)
-                    fuzzers.start_soon(_fuzzer, options, socket_path, index, rng, ids, state)
+                    fuzzers.start_soon(_fuzzer, socket_path, share, rng, ids, attack)
             stalled_done.set()
-        print(f"clients: {state['frames']} frames over {state['connections']} connections "
+        print(f"clients: {attack.frames} frames over {attack.connections} connections "
               f"in {time.monotonic() - started:.0f} s; idle flood of {options.idle}", flush=True)
-        await _idle_flood(options, socket_path, a.home, state)
+        flood = await _idle_flood(options, socket_path, attack.daemon.home)
         await trio.sleep(2)
         nursery.cancel_scope.cancel()
-    return state
+    return flood
 
 
 async def _open(socket_path: str) -> tuple[trio.SocketStream, Connection]:
@@ -136,7 +120,7 @@ async def _open(socket_path: str) -> tuple[trio.SocketStream, Connection]:
     try:
         await stream.send_all(conn.start())
         with trio.fail_after(HELLO_BOUND):
-            while (event := conn.next_event()) is NEED_DATA:
+            while conn.next_event() is NEED_DATA:
                 data = await stream.receive_some(65536)
                 conn.receive_data(data)
                 if not data:
@@ -171,47 +155,27 @@ async def stalled_reader(socket_path: str, big: bytes, done: trio.Event) -> None
         await trio.aclose_forcefully(stream)
 
 
-async def _fuzzer(options, socket_path: str, index: int, rng: random.Random, ids: list[bytes], state: dict) -> None:
-    share = options.frames // options.fuzzers + (index < options.frames % options.fuzzers)
+async def _fuzzer(socket_path: str, share: int, rng: random.Random, ids: list[bytes], attack: Attack) -> None:
     sent = 0
-    while sent < share and state["alive"]():  # a dead daemon ends the attack (and fails the part)
+    while sent < share and attack.alive:  # a dead daemon ends the attack (and fails the part)
         try:
             stream, _conn = await _open(socket_path)
         except (OSError, trio.BrokenResourceError, trio.TooSlowError):
             await trio.sleep(0.05)
             continue
-        state["connections"] += 1
         forge = Forge(rng, dialer=True, ids=ids, local_api=True)
-        closed = trio.Event()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(state["replies"].read, stream, closed)
-            try:
-                for _ in range(min(400, share - sent)):
-                    if closed.is_set():
-                        break
-                    _kind, data = forge.next()
-                    await stream.send_all(data)
-                    sent += 1
-                    state["frames"] += 1
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            with trio.move_on_after(0.2):
-                await closed.wait()
-            nursery.cancel_scope.cancel()
-        await trio.aclose_forcefully(stream)
+        sent += await attack.send_frames(stream, forge, min(FRAMES_PER_CONNECTION, share - sent))
 
 
-async def _idle_flood(options, socket_path: str, home: Path, state: dict) -> None:
+async def _idle_flood(options, socket_path: str, home: Path) -> dict:
     """Connections that say HELLO and nothing more; the ones over the limit are told so."""
+    flood = {"idle_accepted": 0, "idle_refused": 0, "served_after_flood": False}
     streams = []
     try:
         for _ in range(options.idle):
             stream, conn = await _open(socket_path)
             streams.append(stream)
-            if await _refused(stream, conn):
-                state["idle_refused"] += 1
-            else:
-                state["idle_accepted"] += 1
+            flood["idle_refused" if await _refused(stream, conn) else "idle_accepted"] += 1
     finally:
         for stream in streams:
             await trio.aclose_forcefully(stream)
@@ -220,7 +184,7 @@ async def _idle_flood(options, socket_path: str, home: Path, state: dict) -> Non
             try:
                 async with LocalClient.connect(HomePaths(home)) as client:
                     await client.status()
-                    state["served_after"] = True
-                    return
+                    flood["served_after_flood"] = True
+                    return flood
             except Exception:
                 await trio.sleep(0.1)

@@ -36,6 +36,9 @@ RSS_PERIOD = 0.25
 HEALTHY_BOUND = 60.0
 # The healthy peer pushes one context this often.
 HEALTHY_PERIOD = 0.5
+# After its last frame a hostile connection reads what the daemon still
+# says (its ERROR, if it is ending the session) for this long.
+LAST_WORDS = 0.2
 
 
 @attrs.define
@@ -166,3 +169,64 @@ async def healthy_pusher(source: Path, target: Path, pushed: list[str], lags: li
                 lag = trio.current_time() - started
             lags.append(lag)
             await trio.sleep(HEALTHY_PERIOD)
+
+
+class Attack:
+    """What the hostile parts share: counters, the daemon's RSS, the healthy
+    peer's pushes, and the loop that sends one connection's frames."""
+
+    def __init__(self, daemon) -> None:
+        self.daemon = daemon
+        self.frames = 0
+        self.connections = 0
+        self.replies = ReplyCounter()
+        self.rss = RssWatch(daemon.pid)
+        self.healthy_ids: list[str] = []
+        self.lags: list[float] = []
+
+    @property
+    def alive(self) -> bool:
+        return self.daemon.running
+
+    async def send_frames(self, stream: trio.abc.Stream, forge, count: int) -> int:
+        """Up to `count` forged frames on one connection, until the daemon
+        ends it; returns how many were written. Reads every reply."""
+        self.connections += 1
+        sent = 0
+        closed = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.replies.read, stream, closed)
+            try:
+                while sent < count and not closed.is_set():
+                    _kind, data = forge.next()
+                    await stream.send_all(data)
+                    sent += 1
+                    self.frames += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            with trio.move_on_after(LAST_WORDS):
+                await closed.wait()
+            nursery.cancel_scope.cancel()
+        await trio.aclose_forcefully(stream)
+        return sent
+
+    def figures(self, *, fsck: int | None, lost: int, rss_bound_mb: float) -> dict:
+        return {
+            "frames": self.frames,
+            "connections": self.connections,
+            "errors_by_code": self.replies.errors_summary(),
+            "undeclared_replies": self.replies.undeclared,
+            "max_rss_mb": round(self.rss.max_mb, 1),
+            "rss_bound_mb": rss_bound_mb,
+            "healthy_pushed": len(self.healthy_ids),
+            "healthy_lag_s_max": round(max(self.lags, default=0.0), 2),
+            "healthy_lost": lost,
+            "daemon_exits": 0 if fsck is not None else 1,
+            "fsck": "ok" if fsck == 0 else f"exit {fsck}",
+        }
+
+    def held(self, *, fsck: int | None, lost: int, rss_bound_mb: float, frames_wanted: int) -> bool:
+        """Every promise of a hostile part: no exit, fsck, only declared
+        replies, nothing lost, RSS under the bound, every frame sent."""
+        return (fsck == 0 and self.replies.undeclared == 0 and lost == 0
+                and self.rss.max_mb < rss_bound_mb and self.frames >= frames_wanted)

@@ -25,17 +25,13 @@ from pathlib import Path
 import trio
 
 import chaos_common
-from chaos_common import Outcome, ReplyCounter, RssWatch, healthy_pusher
+from chaos_common import Attack, Outcome, healthy_pusher
 from chaos_frames import Forge
 import chaos_clients
 from daemon.paths import HomePaths
 
 import hostile_helpers  # tests/, on sys.path through chaos_common
 from process_helpers import Cluster, read_store_ids
-
-
-# After its last frame a hostile member reads what A still says for this long.
-LAST_WORDS = 0.2
 
 
 def add_arguments(parser) -> None:
@@ -59,85 +55,52 @@ def run(options) -> Outcome:
         b = cluster.daemon("b", peers=[a])
         seeded = chaos_common.seed_contexts(a.home, 200, tag="members")
         big = trio.run(chaos_clients.push_big, a.home) if options.stalled else None
-        result = trio.run(_campaign, options, root, a, b, seeded, big)
-        a_alive = a.running
-        fsck = a.ctxfs("fsck", check=False).returncode if a_alive else None
+        attack = Attack(a)
+        trio.run(_campaign, options, root, attack, b, seeded, big)
+        fsck = a.ctxfs("fsck", check=False).returncode if a.running else None
         held = read_store_ids(a.home / "store.db")
-        lost = [cid for cid in result["healthy_ids"] if cid not in held]
+        lost = sum(1 for cid in attack.healthy_ids if cid not in held)
     finally:
         cluster.close()
         if not options.keep:
             shutil.rmtree(root, ignore_errors=True)
-    replies: ReplyCounter = result["replies"]
-    figures = {
-        "frames": result["frames"],
-        "connections": result["connections"],
-        "errors_by_code": replies.errors_summary(),
-        "undeclared_replies": replies.undeclared,
-        "max_rss_mb": round(result["rss"].max_mb, 1),
-        "rss_bound_mb": options.rss_bound_mb,
-        "healthy_pushed": len(result["healthy_ids"]),
-        "healthy_lag_s_max": round(max(result["lags"], default=0.0), 2),
-        "healthy_lost": len(lost),
-        "daemon_exits": 0 if a_alive else 1,
-        "fsck": "ok" if fsck == 0 else f"exit {fsck}",
-    }
-    ok = (a_alive and fsck == 0 and replies.undeclared == 0 and not lost
-          and result["rss"].max_mb < options.rss_bound_mb and result["frames"] >= options.frames)
+    figures = attack.figures(fsck=fsck, lost=lost, rss_bound_mb=options.rss_bound_mb)
+    figures["stalled_streams"] = options.stalled * 32
     print(f"members: {figures}")
+    ok = attack.held(fsck=fsck, lost=lost, rss_bound_mb=options.rss_bound_mb, frames_wanted=options.frames)
     return Outcome(part="members", ok=ok, figures=figures)
 
 
-async def _campaign(options, root: Path, a, b, seeded: list[bytes], big: str | None) -> dict:
-    host, port = a.listen.rsplit(":", 1)
+async def _campaign(options, root: Path, attack: Attack, b, seeded: list[bytes], big: str | None) -> None:
+    host, port = attack.daemon.listen.rsplit(":", 1)
     address = (host, int(port))
-    state = {"frames": 0, "connections": 0, "replies": ReplyCounter(), "rss": RssWatch(a.pid),
-             "healthy_ids": [], "lags": [], "alive": lambda: a.running}
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(state["rss"].run)
-        nursery.start_soon(healthy_pusher, b.home, a.home, state["healthy_ids"], state["lags"])
+        nursery.start_soon(attack.rss.run)
+        nursery.start_soon(healthy_pusher, b.home, attack.daemon.home, attack.healthy_ids, attack.lags)
         stalled_done = trio.Event()
-        socket_path = str(HomePaths(a.home).api_socket)
+        socket_path = str(HomePaths(attack.daemon.home).api_socket)
         for _ in range(options.stalled):
             nursery.start_soon(chaos_clients.stalled_reader, socket_path, bytes.fromhex(big), stalled_done)
         async with trio.open_nursery() as hostiles:
             for index in range(options.hostiles):
+                share = options.frames // options.hostiles + (index < options.frames % options.hostiles)
                 rng = random.Random(options.seed * 1000 + index)
-                hostiles.start_soon(_hostile, options, root, address, index, rng, seeded, state)
-        print(f"members: {state['frames']} frames over {state['connections']} connections "
+                hostiles.start_soon(_hostile, options, root, address, f"hostile{index}", share, rng, seeded, attack)
+        print(f"members: {attack.frames} frames over {attack.connections} connections "
               f"in {time.monotonic() - started:.0f} s", flush=True)
         await trio.sleep(2)  # a last push of B's, seen through
         nursery.cancel_scope.cancel()
-    return state
 
 
-async def _hostile(options, root: Path, address, index: int, rng: random.Random, seeded, state) -> None:
-    name = f"hostile{index}"
-    share = options.frames // options.hostiles + (index < options.frames % options.hostiles)
+async def _hostile(options, root: Path, address, name: str, share: int, rng: random.Random, seeded,
+                   attack: Attack) -> None:
     sent = 0
-    while sent < share and state["alive"]():  # a dead daemon ends the attack (and fails the part)
+    while sent < share and attack.alive:  # a dead daemon ends the attack (and fails the part)
         try:
             member = await hostile_helpers.HostileMember.connect(address, root, name)
         except (OSError, trio.BrokenResourceError, trio.TooSlowError, AssertionError):
             await trio.sleep(0.05)  # over A's inbound limit, or A is busy: try again
             continue
-        state["connections"] += 1
         forge = Forge(rng, dialer=True, ids=seeded, local_api=False)
-        closed = trio.Event()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(state["replies"].read, member.stream, closed)
-            try:
-                for _ in range(min(options.per_connection, share - sent)):
-                    if closed.is_set():
-                        break  # A ended the session: a new one
-                    _kind, data = forge.next()
-                    await member.stream.send_all(data)
-                    sent += 1
-                    state["frames"] += 1
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            with trio.move_on_after(LAST_WORDS):  # A's ERROR, if it is ending the session
-                await closed.wait()
-            nursery.cancel_scope.cancel()
-        await member.aclose()
+        sent += await attack.send_frames(member.stream, forge, min(options.per_connection, share - sent))

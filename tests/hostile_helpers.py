@@ -12,7 +12,6 @@ from pathlib import Path
 import trio
 
 from daemon import security, tls
-from daemon.paths import HomePaths
 from sync import frames
 from sync.connection import NEED_DATA, Connection, ConnectionClosed
 from sync.messages import Message, MessageType, encode_payload, make_hello
