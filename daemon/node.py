@@ -3,7 +3,8 @@
 The store is SQLite and blocking; every call to it (and to the expander,
 which reads it) goes through `run_sync`, one worker thread at a time, so a
 thread hop carries a whole batch. The set of ids held is mirrored in memory
-(`IdSet`) for the root and for reconciliation.
+(`IdSet`) for the root and for reconciliation: contexts and ref updates
+alike, so the root commits to both and a ref update syncs like a context.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ from typing import Any, TypeVar
 
 import attrs
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from daemon.config import NodeConfig, format_address
 from daemon.logs import RateLimitedLog
 from daemon.paths import HomePaths
-from sync.codec import encode_context
+from sync import refs
+from sync.codec import bytes_id, encode_context
 from sync.expand import ExpanderFunctor
 from sync.idset import IdSet
 from sync.messages import Hello, make_hello
-from sync.model import CompressedContext
+from sync.model import CompressedContext, check_id
 from sync.store import SQLiteContextStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,12 @@ class Node:
         self._pending_ids: set[bytes] = set()  # stored, not yet in the index
         self._pending_since = 0.0
         self._watchers: set[Callable[[], None]] = set()
+        self._ref_watchers: set[Callable[[str], None]] = set()
+        # This node's Ed25519 key (read in run): it signs the ref updates
+        # written here. One write at a time, so that two writes here never
+        # both supersede the same frontier (a conflict with ourselves).
+        self._node_key: Ed25519PrivateKey | None = None
+        self._ref_writes = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._dialing: set[str] = set()  # addresses a dial loop runs for
         self._inbound = 0  # inbound connections now, TLS handshakes included
@@ -98,11 +107,14 @@ class Node:
     async def add_encoded(self, blobs: Sequence[bytes]) -> list[str]:
         """Verify and store canonical bytes all-or-nothing; announce a new root.
 
-        Raises StoreUnavailable while the store cannot be written (receiving
-        is paused, see _watch_store).
+        Contexts and ref updates may come mixed (an update after the context
+        it targets). Raises StoreUnavailable while the store cannot be
+        written (receiving is paused, see _watch_store), MissingBase (or its
+        MissingTarget) and DecodeError for objects that cannot be stored.
         """
         if self.store_error is not None and trio.current_time() < self._store_retry_at:
             raise StoreUnavailable(f"{self.store_error} (receiving is paused)", disk_full=False)
+        new_refs = [b for b in blobs if refs.is_ref_update_bytes(b) and not self.holds(bytes.fromhex(bytes_id(b)))]
         try:
             ids = await self.run_sync(self.store.put_encoded, blobs)
         except StoreUnavailable as exc:
@@ -114,7 +126,51 @@ class Node:
         stale = trio.current_time() - self._pending_since > MAX_INDEX_DELAY
         if not self._reconciling or stale:
             self._apply_pending()
+        if new_refs:
+            # Stored and verified: decoding again is only unpacking.
+            self._refs_changed(sorted({refs.decode_update(b, verify=False).name for b in new_refs}))
         return ids
+
+    # ------------------------------------------------------------ refs
+
+    async def set_ref(self, name: str, target: str) -> list[str]:
+        """Point ref `name` at context `target` (held here), superseding every
+        value this node sees; returns the new update ids once committed and
+        announced. MissingTarget if the context is not held."""
+        return await self._write_ref(refs.check_ref_name(name), check_id(target, "ref target"))
+
+    async def delete_ref(self, name: str) -> list[str]:
+        """Delete ref `name` (a deletion update superseding what this node sees)."""
+        return await self._write_ref(refs.check_ref_name(name), None)
+
+    async def _write_ref(self, name: str, target: str | None) -> list[str]:
+        if self._node_key is None:
+            raise RuntimeError("the node is not running: it has no key to sign ref updates with")
+        key, now = self._node_key, datetime.now(timezone.utc)
+
+        def make() -> list[bytes]:
+            table = refs.RefTable(self.store.ref_frontier(name))
+            updates = refs.updates_for_write(table=table, name=name, target=target, key=key, time=now)
+            return [refs.encode_update(u) for u in updates]
+
+        async with self._ref_writes:
+            blobs = await self.run_sync(make)
+            # The same path as a peer's objects: verified, committed, then
+            # the root changes and every peer hears of it at once.
+            return await self.add_encoded(blobs)
+
+    def watch_refs(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call `callback(name)` (synchronously, must not block) after new
+        updates of ref `name` are stored, written here or received from a
+        peer. Read the value with `store.ref_value(name)` (via run_sync).
+        Returns a function that stops the calls."""
+        self._ref_watchers.add(callback)
+        return lambda: self._ref_watchers.discard(callback)
+
+    def _refs_changed(self, names: Sequence[str]) -> None:
+        for name in names:
+            for callback in list(self._ref_watchers):
+                callback(name)
 
     async def _apply_stale_ids(self) -> None:
         """New ids never wait on reconciliations for longer than MAX_INDEX_DELAY."""
@@ -254,6 +310,7 @@ class Node:
         identity = security.load_identity(self.paths)
         if identity.node_id != self.node_id:
             raise security.KeyFileError(f"{self.paths.node_key} holds node {identity.node_id[:12]}, not {self.node_id[:12]}")
+        self._node_key = identity.node_key
         self._server_tls = tls.server_context(identity)
         self._client_tls = tls.client_context(identity)
         self.store = SQLiteContextStore(self.paths.store)

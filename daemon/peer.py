@@ -6,8 +6,9 @@ Tasks of a session, all in its own nursery:
   storer     verifies and commits received objects, then grants credit and ACKs
   syncer     initiates a reconciliation whenever the roots differ (on a ROOT
              announce, after a local change, and every anti-entropy period)
-  pusher     sends what reconciliation found the peer lacks, parents first,
-             never more than the peer's credit allows
+  pusher     sends what reconciliation found the peer lacks, parents first
+             and ref updates after the contexts they target, never more
+             than the peer's credit allows
   keepalive  PINGs an idle link, announces our root when it changes, drops
              a peer that has been silent too long
   writer     the only task that writes to the socket: control frames first
@@ -558,8 +559,9 @@ class PeerSession:
 
     async def _push(self, ids: Iterable[bytes]) -> None:
         # The whole set in parents-first order, then bytes one message at a
-        # time: a base always travels before its children, and the sender
-        # holds one message of bytes, not everything it has to send.
+        # time: a base always travels before its children (and a context
+        # before the ref updates that target it), and the sender holds one
+        # message of bytes, not everything it has to send.
         order = await self.node.run_sync(self.node.store.send_order, [i.hex() for i in ids])
         limit = min(OBJECTS_BATCH_BYTES, self.conn.max_flow_message - 64 * 1024)
         too_large = [cid for cid, length in order if length + 1024 > limit]
@@ -622,9 +624,13 @@ class PeerSession:
             if isinstance(exc, StoreUnavailable):
                 code = ErrorCode.UNAVAILABLE  # it resends once we reconcile again (Node._watch_store)
             elif isinstance(exc, MissingBase):
-                code = ErrorCode.MISSING_BASE
+                code = ErrorCode.MISSING_BASE  # MissingTarget too: a ref update before its context
             else:
+                # Not canonical, too large, or a ref update whose signature
+                # fails (forged): nothing of the message was stored.
                 code = ErrorCode.INVALID_OBJECT
+                self.info.error = f"peer sent an invalid object: {str(exc)[:200]}"
+                _warn.warning(f"{self.info.address}:invalid", "peer %s: %s", self.info.address, self.info.error)
             await self.answer(Error(code=int(code), message=str(exc)[:1000]), stream_id)
             self.conn.close_stream(stream_id)
             return

@@ -469,6 +469,15 @@ class RefTable:
             state.frontier[uid] = update
         return True
 
+    def copy(self) -> RefTable:
+        """An independent table holding the same updates (no re-checks)."""
+        other = RefTable()
+        other._by_id = dict(self._by_id)
+        other._refs = {
+            name: _RefState(dict(s.updates), set(s.superseded), dict(s.frontier)) for name, s in self._refs.items()
+        }
+        return other
+
     def __contains__(self, update_id: object) -> bool:
         return update_id in self._by_id
 

@@ -4,6 +4,15 @@ Both keep the canonical bytes of every context under its id, refuse a
 context whose base they do not hold, and make each put (or batch of puts)
 all-or-nothing. Ids are 64-hex strings in this API; SQLite keeps them as
 32-byte blobs so that id order is byte order everywhere.
+
+A store holds two kinds of objects in one id space: contexts and ref
+updates (sync/refs.py, kept by sync/refstore.py). The *object* methods —
+`put_encoded`, `ids`, `holds`, `send_order`, `get_many_bytes`, `len` —
+cover both, because the node's id set and root are built from them and
+sync carries both alike. The *context* methods — `get`, `get_bytes`,
+`has`, lineages, `heads` — see contexts only. A ref update is refused
+unless the store holds the context it targets, as a context is refused
+without its base.
 """
 
 from __future__ import annotations
@@ -16,10 +25,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from sync import refstore
 from sync.codec import MAX_CONTEXT_BYTES, DecodeError, bytes_id, decode_context, encode_context
 from sync.model import CompressedContext, check_id
+from sync.refs import RefTable, RefUpdate, RefValue, decode_update, encode_update, is_ref_update_bytes, verify_update
 
-SCHEMA_VERSION = 1
+# 2: the ref_updates table (sync/refstore.py). A schema-1 store is upgraded
+# in place when opened; this code refuses a store of a later schema.
+SCHEMA_VERSION = 2
 
 
 class StoreError(Exception):
@@ -27,8 +40,8 @@ class StoreError(Exception):
 
 
 class NotFound(StoreError, LookupError):
-    def __init__(self, context_id: str) -> None:
-        super().__init__(f"no context {context_id} in the store")
+    def __init__(self, context_id: str, kind: str = "context") -> None:
+        super().__init__(f"no {kind} {context_id} in the store")
         self.context_id = context_id
 
 
@@ -37,6 +50,18 @@ class MissingBase(StoreError, ValueError):
         super().__init__(f"context {context_id} names base {base_id}, which is not in the store")
         self.context_id = context_id
         self.base_id = base_id
+
+
+class MissingTarget(MissingBase):
+    """A ref update whose target context is not held. A MissingBase, so
+    every caller maps it as one (MISSING_BASE): an update travels after
+    the context it targets, as a base travels before its child."""
+
+    def __init__(self, update_id: str, name: str, target: str) -> None:
+        StoreError.__init__(self, f"ref update {update_id} sets {name!r:.80} to {target}, which is not in the store")
+        self.context_id = self.update_id = update_id
+        self.base_id = self.target = target
+        self.name = name
 
 
 class ContextTooLarge(StoreError, ValueError):
@@ -58,67 +83,110 @@ class ContextStore(Protocol):
     def put(self, ctx: CompressedContext) -> str: ...
     def put_many(self, contexts: Sequence[CompressedContext]) -> list[str]: ...
     def put_encoded(self, blobs: Sequence[bytes]) -> list[str]: ...
+    def put_ref_updates(self, updates: Sequence[RefUpdate]) -> list[str]: ...
     def get(self, context_id: str) -> CompressedContext: ...
     def get_bytes(self, context_id: str) -> bytes: ...
     def has(self, context_id: str) -> bool: ...
+    def holds(self, object_id: str) -> bool: ...
     def get_lineage(self, context_id: str) -> list[str]: ...
     def walk_back(self, context_id: str) -> Iterator[tuple[str, CompressedContext]]: ...
     def walk_back_bytes(self, context_id: str) -> Iterator[tuple[str, bytes]]: ...
-    def send_order(self, context_ids: Sequence[str]) -> list[tuple[str, int]]: ...
-    def get_many_bytes(self, context_ids: Sequence[str]) -> list[bytes]: ...
+    def send_order(self, object_ids: Sequence[str]) -> list[tuple[str, int]]: ...
+    def get_many_bytes(self, object_ids: Sequence[str]) -> list[bytes]: ...
     def ids(self, start: str | None = None) -> Iterator[str]: ...
     def heads(self) -> list[str]: ...
+    def ref_table(self) -> RefTable: ...
+    def ref_value(self, name: str) -> RefValue | None: ...
+    def ref_frontier(self, name: str) -> list[RefUpdate]: ...
+    def ref_updates_of(self, name: str) -> list[RefUpdate]: ...
+    def fsck(self) -> Iterator[str]: ...
     def __len__(self) -> int: ...
     def close(self) -> None: ...
 
 
-def _check_batch(contexts: Sequence[CompressedContext], has) -> list[tuple[str, CompressedContext, bytes]]:
-    """Encode a batch and check every base is held or earlier in the batch."""
-    return _check_encoded([(ctx, encode_context(ctx)) for ctx in contexts], has)
+# A batch after checking: contexts (id, context, bytes) and ref updates
+# (id, update, bytes), each in batch order, and every id in batch order.
+_Checked = tuple[list[tuple[str, CompressedContext, bytes]], list[refstore.Entry], list[str]]
+_Object = CompressedContext | RefUpdate
 
 
-def _decode_batch(blobs: Sequence[bytes]) -> list[tuple[CompressedContext, bytes]]:
-    """Strictly decode bytes from outside: canonical form or DecodeError."""
-    return [(decode_context(bytes(data), verify=True), bytes(data)) for data in blobs]
-
-
-def _check_encoded(pairs: Sequence[tuple[CompressedContext, bytes]], has) -> list[tuple[str, CompressedContext, bytes]]:
-    out = []
-    known: set[str] = set()
-    for ctx, data in pairs:
-        if len(data) > MAX_CONTEXT_BYTES:
-            raise ContextTooLarge(len(data))
-        cid = bytes_id(data)
-        if ctx.base_hash is not None and ctx.base_hash not in known and not has(ctx.base_hash):
-            raise MissingBase(cid, ctx.base_hash)
-        known.add(cid)
-        out.append((cid, ctx, data))
+def _decode_batch(blobs: Sequence[bytes]) -> list[tuple[_Object, bytes]]:
+    """Strictly decode bytes from outside (canonical form, and a ref
+    update's signature) or raise DecodeError. The first bytes tell the
+    kinds apart (docs/protocol.md, section 10)."""
+    out: list[tuple[_Object, bytes]] = []
+    for raw in blobs:
+        data = bytes(raw)
+        if is_ref_update_bytes(data):
+            out.append((decode_update(data, verify=True), data))
+        else:
+            out.append((decode_context(data, verify=True), data))
     return out
 
 
+def _encode_updates(updates: Sequence[RefUpdate]) -> list[tuple[_Object, bytes]]:
+    """Updates made here: checked like bytes from outside, signature included
+    (a RefUpdate built by hand is not authentic until it verifies)."""
+    for update in updates:
+        verify_update(update)
+    return [(u, encode_update(u)) for u in updates]
+
+
+def _check_encoded(pairs: Sequence[tuple[_Object, bytes]], has) -> _Checked:
+    """Check every base and every target is held or earlier in the batch."""
+    contexts, updates, order = [], [], []
+    known: set[str] = set()
+    for obj, data in pairs:
+        oid = bytes_id(data)
+        if isinstance(obj, RefUpdate):
+            if obj.target is not None and obj.target not in known and not has(obj.target):
+                raise MissingTarget(oid, obj.name, obj.target)
+            updates.append((oid, obj, data))
+        else:
+            if len(data) > MAX_CONTEXT_BYTES:
+                raise ContextTooLarge(len(data))
+            if obj.base_hash is not None and obj.base_hash not in known and not has(obj.base_hash):
+                raise MissingBase(oid, obj.base_hash)
+            known.add(oid)
+            contexts.append((oid, obj, data))
+        order.append(oid)
+    return contexts, updates, order
+
+
 class InMemoryContextStore:
-    """A dict-backed store with the same behaviour as the SQLite one."""
+    """A dict-backed store with the same behaviour as the SQLite one (not
+    thread-safe: one thread at a time)."""
 
     def __init__(self) -> None:
         self._objects: dict[str, tuple[CompressedContext, bytes]] = {}
+        self._updates: dict[str, tuple[RefUpdate, bytes]] = {}
         self._has_children: set[str] = set()
+        self._refs = refstore.RefCache(lambda: [data for _u, data in self._updates.values()])
 
     def put(self, ctx: CompressedContext) -> str:
         return self.put_many([ctx])[0]
 
     def put_many(self, contexts: Sequence[CompressedContext]) -> list[str]:
-        return self._insert(_check_batch(contexts, self.has))
+        return self._insert(_check_encoded([(ctx, encode_context(ctx)) for ctx in contexts], self.has))
 
     def put_encoded(self, blobs: Sequence[bytes]) -> list[str]:
         """Store canonical bytes from outside, verified: the receive path."""
         return self._insert(_check_encoded(_decode_batch(blobs), self.has))
 
-    def _insert(self, batch: list[tuple[str, CompressedContext, bytes]]) -> list[str]:
-        for cid, ctx, data in batch:
+    def put_ref_updates(self, updates: Sequence[RefUpdate]) -> list[str]:
+        """Store ref updates made here (by `refs.updates_for_write`), in order."""
+        return self._insert(_check_encoded(_encode_updates(updates), self.has))
+
+    def _insert(self, batch: _Checked) -> list[str]:
+        contexts, updates, order = batch
+        for cid, ctx, data in contexts:
             self._objects.setdefault(cid, (ctx, data))
             if ctx.base_hash is not None:
                 self._has_children.add(ctx.base_hash)
-        return [cid for cid, _, _ in batch]
+        for uid, update, data in updates:
+            self._updates.setdefault(uid, (update, data))
+        self._refs.added(u for _uid, u, _data in updates)
+        return order
 
     def _entry(self, context_id: str) -> tuple[CompressedContext, bytes]:
         check_id(context_id, "context id")
@@ -136,6 +204,10 @@ class InMemoryContextStore:
     def has(self, context_id: str) -> bool:
         return check_id(context_id, "context id") in self._objects
 
+    def holds(self, object_id: str) -> bool:
+        check_id(object_id, "object id")
+        return object_id in self._objects or object_id in self._updates
+
     def walk_back(self, context_id: str) -> Iterator[tuple[str, CompressedContext]]:
         current: str | None = context_id
         while current is not None:
@@ -147,13 +219,20 @@ class InMemoryContextStore:
         for cid, _ctx in self.walk_back(context_id):
             yield cid, self._objects[cid][1]
 
-    def send_order(self, context_ids: Sequence[str]) -> list[tuple[str, int]]:
-        """(id, encoded size) of the given contexts, every base before its children."""
-        depth = {cid: len(self.get_lineage(cid)) for cid in context_ids}
-        return [(cid, len(self._objects[cid][1])) for cid in sorted(depth, key=lambda c: (depth[c], c))]
+    def send_order(self, object_ids: Sequence[str]) -> list[tuple[str, int]]:
+        """(id, encoded size) of the given objects: contexts every base before
+        its children, then ref updates (after every context they may target)."""
+        wanted = set(object_ids)
+        updates = sorted(i for i in wanted if i in self._updates)
+        depth = {cid: len(self.get_lineage(cid)) for cid in wanted if cid not in self._updates}
+        contexts = sorted(depth, key=lambda c: (depth[c], c))
+        return [(cid, len(self._objects[cid][1])) for cid in contexts] + [
+            (uid, len(self._updates[uid][1])) for uid in updates
+        ]
 
-    def get_many_bytes(self, context_ids: Sequence[str]) -> list[bytes]:
-        return [self.get_bytes(cid) for cid in context_ids]
+    def get_many_bytes(self, object_ids: Sequence[str]) -> list[bytes]:
+        """Canonical bytes of the given objects (either kind), in the given order."""
+        return [self._updates[oid][1] if oid in self._updates else self.get_bytes(oid) for oid in object_ids]
 
     def get_lineage(self, context_id: str) -> list[str]:
         lineage = [cid for cid, _ in self.walk_back(context_id)]
@@ -161,15 +240,44 @@ class InMemoryContextStore:
         return lineage
 
     def ids(self, start: str | None = None) -> Iterator[str]:
+        """Every object id (contexts and ref updates), ascending, from `start`."""
         if start is not None:
             check_id(start, "start id")
-        return iter(sorted(cid for cid in self._objects if start is None or cid >= start))
+        held = [*self._objects, *self._updates]
+        return iter(sorted(oid for oid in held if start is None or oid >= start))
 
     def heads(self) -> list[str]:
         return sorted(cid for cid in self._objects if cid not in self._has_children)
 
+    def ref_table(self) -> RefTable:
+        """Every stored ref update as a table of its own (a copy)."""
+        return self._refs.snapshot()
+
+    def ref_value(self, name: str) -> RefValue | None:
+        return self._refs.value(name)
+
+    def ref_frontier(self, name: str) -> list[RefUpdate]:
+        return self._refs.frontier(name)
+
+    def ref_updates_of(self, name: str) -> list[RefUpdate]:
+        """Every stored update of `name`, newest first."""
+        return self._refs.log(name)
+
+    def fsck(self) -> Iterator[str]:
+        """Problems found, one line each: ids, bases, ref updates (as SQLite's)."""
+        for cid, (ctx, data) in sorted(self._objects.items()):
+            if bytes_id(data) != cid:
+                yield f"{cid}: stored bytes do not hash to the id"
+            elif ctx.base_hash is not None and ctx.base_hash not in self._objects:
+                yield f"{cid}: base {ctx.base_hash} is missing"
+        for uid, (_update, data) in sorted(self._updates.items()):
+            problem = refstore.check_stored_update(uid, data, self._objects.__contains__)
+            if problem is not None:
+                yield problem
+
     def __len__(self) -> int:
-        return len(self._objects)
+        """Objects held: contexts and ref updates (as many as `ids()` yields)."""
+        return len(self._objects) + len(self._updates)
 
     def close(self) -> None:
         pass
@@ -184,7 +292,7 @@ CREATE TABLE IF NOT EXISTS contexts (
     data  BLOB NOT NULL              -- canonical encoding (sync.codec)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS contexts_base ON contexts(base);
-"""
+""" + refstore.REF_SCHEMA
 
 _LINEAGE = """
 WITH RECURSIVE chain(id, base) AS (
@@ -196,10 +304,10 @@ SELECT chain.id, contexts.data FROM chain JOIN contexts ON contexts.id = chain.i
 """
 
 
-def _id_chunks(context_ids: Sequence[str], size: int = 500):
+def _id_chunks(object_ids: Sequence[str], size: int = 500):
     """Ids as blobs, in slices under SQLite's bound-variable limit."""
-    for start in range(0, len(context_ids), size):
-        yield [bytes.fromhex(check_id(c, "context id")) for c in context_ids[start : start + size]]
+    for start in range(0, len(object_ids), size):
+        yield [bytes.fromhex(check_id(c, "object id")) for c in object_ids[start : start + size]]
 
 
 class SQLiteContextStore:
@@ -225,13 +333,18 @@ class SQLiteContextStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=OFF")
+        self._refs = refstore.RefCache(lambda: refstore.sqlite_all_bytes(self._db))
         with self._transaction():
+            # Creates what is missing: everything in a new file, the
+            # ref_updates table in a schema-1 store (its upgrade to 2).
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 self._db.execute(statement)
             row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
+            elif row[0] == "1":
+                self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+            elif row[0] != str(SCHEMA_VERSION):
                 raise StoreError(f"{self.path}: store schema {row[0]} is not supported (this is {SCHEMA_VERSION})")
 
     @contextlib.contextmanager
@@ -266,28 +379,41 @@ class SQLiteContextStore:
         return self._insert(pairs)
 
     def put_encoded(self, blobs: Sequence[bytes]) -> list[str]:
-        """Store canonical bytes from outside, verified: the receive path."""
+        """Store canonical bytes from outside, verified: the receive path.
+        Contexts and ref updates may come mixed; all or nothing is stored."""
         return self._insert(_decode_batch(blobs))
 
-    def _insert(self, pairs: Sequence[tuple[CompressedContext, bytes]]) -> list[str]:
-        with self._transaction():
-            batch = _check_encoded(pairs, self.has)
-            depths: dict[str, int] = {}
-            rows = []
-            for cid, ctx, data in batch:
-                if ctx.base_hash is None:
-                    depth = 0
-                else:
-                    depth = depths.get(ctx.base_hash)
-                    if depth is None:
-                        depth = self._depth(ctx.base_hash)
-                    depth += 1
-                depths[cid] = depth
-                rows.append((bytes.fromhex(cid), None if ctx.base_hash is None else bytes.fromhex(ctx.base_hash), depth, data))
-            # One statement for the batch: a row-at-a-time loop hands the GIL
-            # back and forth with the event loop thread once per context.
-            self._db.executemany("INSERT OR IGNORE INTO contexts VALUES (?, ?, ?, ?)", rows)
-        return [cid for cid, _, _ in batch]
+    def put_ref_updates(self, updates: Sequence[RefUpdate]) -> list[str]:
+        """Store ref updates made here (by `refs.updates_for_write`), in order."""
+        return self._insert(_encode_updates(updates))
+
+    def _insert(self, pairs: Sequence[tuple[_Object, bytes]]) -> list[str]:
+        # The lock spans the commit and the cache update: no reader sees
+        # the table without an update the file holds.
+        with self._lock:
+            with self._transaction():
+                contexts, updates, order = _check_encoded(pairs, self.has)
+                self._insert_contexts(contexts)
+                refstore.sqlite_insert(self._db, updates)
+            self._refs.added(u for _uid, u, _data in updates)
+        return order
+
+    def _insert_contexts(self, batch: list[tuple[str, CompressedContext, bytes]]) -> None:
+        depths: dict[str, int] = {}
+        rows = []
+        for cid, ctx, data in batch:
+            if ctx.base_hash is None:
+                depth = 0
+            else:
+                depth = depths.get(ctx.base_hash)
+                if depth is None:
+                    depth = self._depth(ctx.base_hash)
+                depth += 1
+            depths[cid] = depth
+            rows.append((bytes.fromhex(cid), None if ctx.base_hash is None else bytes.fromhex(ctx.base_hash), depth, data))
+        # One statement for the batch: a row-at-a-time loop hands the GIL
+        # back and forth with the event loop thread once per context.
+        self._db.executemany("INSERT OR IGNORE INTO contexts VALUES (?, ?, ?, ?)", rows)
 
     def _depth(self, context_id: str) -> int:
         row = self._db.execute("SELECT depth FROM contexts WHERE id = ?", (bytes.fromhex(context_id),)).fetchone()
@@ -312,6 +438,14 @@ class SQLiteContextStore:
         with self._lock:
             return self._db.execute(
                 "SELECT 1 FROM contexts WHERE id = ?", (bytes.fromhex(context_id),)
+            ).fetchone() is not None
+
+    def holds(self, object_id: str) -> bool:
+        """A context or a ref update of this id is stored."""
+        key = bytes.fromhex(check_id(object_id, "object id"))
+        with self._lock:
+            return self._db.execute(
+                "SELECT 1 FROM contexts WHERE id = ? UNION ALL SELECT 1 FROM ref_updates WHERE id = ?", (key, key)
             ).fetchone() is not None
 
     def walk_back_bytes(self, context_id: str) -> Iterator[tuple[str, bytes]]:
@@ -342,36 +476,44 @@ class SQLiteContextStore:
             # Our own bytes, checked when they were put; fsck re-verifies them.
             yield cid, decode_context(data, verify=False)
 
-    def send_order(self, context_ids: Sequence[str]) -> list[tuple[str, int]]:
-        """(id, encoded size) of the given contexts, every base before its children.
+    def send_order(self, object_ids: Sequence[str]) -> list[tuple[str, int]]:
+        """(id, encoded size) of the given objects: contexts every base before
+        its children, then ref updates (after every context they may target).
 
         Sizes, not bytes: a sender reads the bytes one message at a time, so
         its memory is bounded by a message, not by what it has to send.
         """
-        rows = []
-        for chunk in _id_chunks(context_ids):
+        contexts, updates = [], []
+        for chunk in _id_chunks(object_ids):
             marks = ",".join("?" * len(chunk))
             with self._lock:
-                rows += self._db.execute(
+                contexts += self._db.execute(
                     f"SELECT depth, id, length(data) FROM contexts WHERE id IN ({marks})", chunk
                 ).fetchall()
-        if len(rows) != len(set(context_ids)):
-            found = {r[1].hex() for r in rows}
-            raise NotFound(next(c for c in context_ids if c not in found))
-        rows.sort()
-        return [(cid.hex(), size) for _depth, cid, size in rows]
+                updates += self._db.execute(
+                    f"SELECT id, length(data) FROM ref_updates WHERE id IN ({marks})", chunk
+                ).fetchall()
+        if len(contexts) + len(updates) != len(set(object_ids)):
+            found = {r[1].hex() for r in contexts} | {r[0].hex() for r in updates}
+            raise NotFound(next(c for c in object_ids if c not in found), "object")
+        contexts.sort()
+        updates.sort()
+        return [(cid.hex(), size) for _depth, cid, size in contexts] + [(uid.hex(), size) for uid, size in updates]
 
-    def get_many_bytes(self, context_ids: Sequence[str]) -> list[bytes]:
-        """Canonical bytes of the given contexts, in the given order."""
+    def get_many_bytes(self, object_ids: Sequence[str]) -> list[bytes]:
+        """Canonical bytes of the given objects (either kind), in the given order."""
         found: dict[bytes, bytes] = {}
-        for chunk in _id_chunks(context_ids):
+        for chunk in _id_chunks(object_ids):
             marks = ",".join("?" * len(chunk))
             with self._lock:
-                found.update(self._db.execute(f"SELECT id, data FROM contexts WHERE id IN ({marks})", chunk).fetchall())
+                found.update(self._db.execute(
+                    f"SELECT id, data FROM contexts WHERE id IN ({marks})"
+                    f" UNION ALL SELECT id, data FROM ref_updates WHERE id IN ({marks})", chunk + chunk
+                ).fetchall())
         try:
-            return [found[bytes.fromhex(cid)] for cid in context_ids]
+            return [found[bytes.fromhex(oid)] for oid in object_ids]
         except KeyError as exc:
-            raise NotFound(exc.args[0].hex()) from None
+            raise NotFound(exc.args[0].hex(), "object") from None
 
     def get_lineage(self, context_id: str) -> list[str]:
         check_id(context_id, "context id")
@@ -388,18 +530,20 @@ class SQLiteContextStore:
         return [r[0].hex() for r in rows]
 
     def ids(self, start: str | None = None) -> Iterator[str]:
-        """All ids in ascending order, from `start` (inclusive), fetched in pages."""
+        """Every object id (contexts and ref updates) in ascending order, from
+        `start` (inclusive), fetched in pages."""
         after = b"" if start is None else bytes.fromhex(check_id(start, "start id"))
         op = ">="
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    f"SELECT id FROM contexts WHERE id {op} ? ORDER BY id LIMIT 1024", (after,)
+                    f"SELECT id FROM contexts WHERE id {op} ? UNION ALL"
+                    f" SELECT id FROM ref_updates WHERE id {op} ? ORDER BY id LIMIT 1024", (after, after)
                 ).fetchall()
             if not rows:
                 return
-            for (cid,) in rows:
-                yield cid.hex()
+            for (oid,) in rows:
+                yield oid.hex()
             after, op = rows[-1][0], ">"
 
     def heads(self) -> list[str]:
@@ -410,12 +554,40 @@ class SQLiteContextStore:
             ).fetchall()
         return [r[0].hex() for r in rows]
 
-    def __len__(self) -> int:
+    def ref_table(self) -> RefTable:
+        """Every stored ref update as a table of its own (a copy: safe to
+        read in any thread while the store goes on writing)."""
         with self._lock:
-            return self._db.execute("SELECT count(*) FROM contexts").fetchone()[0]
+            return self._refs.snapshot()
+
+    def ref_value(self, name: str) -> RefValue | None:
+        with self._lock:
+            return self._refs.value(name)
+
+    def ref_frontier(self, name: str) -> list[RefUpdate]:
+        """The updates of `name` no stored update supersedes, newest first."""
+        with self._lock:
+            return self._refs.frontier(name)
+
+    def ref_updates_of(self, name: str) -> list[RefUpdate]:
+        """Every stored update of `name`, newest first."""
+        with self._lock:
+            return self._refs.log(name)
+
+    def __len__(self) -> int:
+        """Objects held: contexts and ref updates (as many as `ids()` yields)."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT (SELECT count(*) FROM contexts) + (SELECT count(*) FROM ref_updates)"
+            ).fetchone()[0]
+
+    def _read(self, sql: str, args: tuple) -> list:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
 
     def fsck(self) -> Iterator[str]:
-        """Problems found, one line each: SQLite integrity, ids, encodings, lineages."""
+        """Problems found, one line each: SQLite integrity, ids, encodings,
+        lineages; ref updates' signatures and targets."""
         with self._lock:
             result = self._db.execute("PRAGMA integrity_check").fetchall()
         if result != [("ok",)]:
@@ -430,7 +602,7 @@ class SQLiteContextStore:
                     (after,),
                 ).fetchall()
             if not rows:
-                return
+                break
             for raw_id, base, depth, data, base_depth in rows:
                 cid = raw_id.hex()
                 if len(raw_id) != 32 or bytes_id(data) != cid:
@@ -448,6 +620,7 @@ class SQLiteContextStore:
                 elif depth != (0 if base is None else base_depth + 1):
                     yield f"{cid}: depth {depth} is wrong"
             after = rows[-1][0]
+        yield from refstore.sqlite_fsck(self._read, self.has)
 
     def close(self) -> None:
         with self._lock:
