@@ -26,6 +26,7 @@ from sync.errors import ErrorCode
 from sync.expand import ExpanderFunctor, ExpansionChunk, stream_expansion
 from sync.model import CompressedContext, ExpandedContext, is_id, parse_type
 from sync.query import ContextQuery
+from sync.refs import RefValue, check_ref_name
 from sync.store import MissingBase, SQLiteContextStore, StoreError
 
 # Largest push input read: far beyond any real context, small enough that a
@@ -72,25 +73,61 @@ def _open_store(home: HomePaths) -> SQLiteContextStore:
 
 
 def resolve_id(store: SQLiteContextStore, text: str) -> str:
-    """A full id, or a unique prefix of at least MIN_ID_PREFIX hex digits."""
-    text = text.strip().lower()
-    if is_id(text):
-        if not store.has(text):
-            raise CliError(f"no context {text} in the store")
-        return text
+    """A context id from what a user typed, in this order:
+
+    1. 64 hex characters: always that id (never a ref name);
+    2. the name of a ref that exists: its target (the winner if the ref is
+       in conflict, with a warning on stderr);
+    3. a unique prefix of at least MIN_ID_PREFIX hex digits of a context id
+       (ref update ids share the id space, and are skipped).
+
+    So a ref named like a prefix (`cafe`) hides that prefix: give more digits.
+    """
+    lowered = text.strip().lower()
+    if is_id(lowered):
+        if not store.has(lowered):
+            raise CliError(f"no context {lowered} in the store")
+        return lowered
+    value = _ref_value_or_none(store, text)
+    if value is not None:
+        warn_if_conflict(value)
+        return value.target
+    shown, text = text, lowered
     if len(text) < MIN_ID_PREFIX or len(text) > 64 or not all(c in "0123456789abcdef" for c in text):
-        raise CliError(f"not a context id: {text!r} (64 hex characters, or a unique prefix of at least {MIN_ID_PREFIX})")
+        raise CliError(
+            f"not a context id or ref name: {shown!r:.80} (64 hex characters, a unique prefix of at least "
+            f"{MIN_ID_PREFIX}, or the name of a ref)"
+        )
     start = text + "0" * (64 - len(text))
     matches = []
-    for cid in store.ids(start):
-        if not cid.startswith(text) or len(matches) == 2:
+    for oid in store.ids(start):
+        if not oid.startswith(text) or len(matches) == 2:
             break
-        matches.append(cid)
+        if store.has(oid):  # a context, not a ref update
+            matches.append(oid)
     if not matches:
         raise CliError(f"no context with id prefix {text}")
     if len(matches) > 1:
         raise CliError(f"id prefix {text} is ambiguous; give more digits")
     return matches[0]
+
+
+def _ref_value_or_none(store: SQLiteContextStore, text: str) -> RefValue | None:
+    try:
+        check_ref_name(text)
+    except ValueError:
+        return None
+    return store.ref_value(text)
+
+
+def warn_if_conflict(value: RefValue) -> None:
+    """One line on stderr when a command picks the winner of a conflicted ref."""
+    if value.conflict:
+        print(
+            f"ctxfs: warning: ref {value.name} is in conflict between {', '.join(value.candidates)}; "
+            f"using {value.target} (the latest update); resolve with `ctxfs ref set {value.name} ID`",
+            file=sys.stderr,
+        )
 
 
 # --------------------------------------------------------------------------
@@ -183,11 +220,13 @@ def parse_contexts(text: str) -> list[tuple[int | None, CompressedContext]]:
     return contexts
 
 
-def _push_via_daemon(home: HomePaths, store: SQLiteContextStore, contexts: list[CompressedContext]) -> list[str] | None:
+def _push_via_daemon(home: HomePaths, store: SQLiteContextStore, contexts: list[CompressedContext],
+                     ref: str | None = None) -> list[str] | None:
     """Push through the running daemon so its peers learn at once; None if none runs.
 
     The daemon commits each context on its own; to keep `push` all-or-nothing
-    the bases are checked against the store before anything is sent.
+    the bases are checked against the store before anything is sent. With
+    `ref`, the daemon then points that ref at the last context.
     """
 
     async def work(client: localapi.LocalClient) -> list[str]:
@@ -204,6 +243,8 @@ def _push_via_daemon(home: HomePaths, store: SQLiteContextStore, contexts: list[
                 if exc.code is ErrorCode.MISSING_BASE:
                     raise MissingBase(ctx.id, ctx.base_hash) from None
                 raise
+        if ref is not None:
+            await client.ref_set(ref, ids[-1])
         return ids
 
     ids = _via_daemon(home, work)
@@ -216,9 +257,14 @@ def cmd_push(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
         numbered = parse_contexts(_read_input(args.file))
         try:
             contexts = [ctx for _, ctx in numbered]
-            ids = _push_via_daemon(home, store, contexts)
-            if ids is None:
-                ids = store.put_many(contexts)
+            if args.ref is not None:
+                from daemon import cli_refs
+
+                ids = cli_refs.push_to_ref(home, store, contexts, args.ref, force=args.force)
+            else:
+                ids = _push_via_daemon(home, store, contexts)
+                if ids is None:
+                    ids = store.put_many(contexts)
         except MissingBase as exc:
             line = next((n for n, ctx in numbered if ctx.id == exc.context_id), None)
             raise CliError(f"line {line}: {exc}" if line else str(exc)) from None
@@ -497,8 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("cluster-key", cmd_cluster_key, "print this node's cluster key")
     p = add("push", cmd_push, "store contexts given as interchange JSON (an object, or JSON Lines); print their ids")
     p.add_argument("file", nargs="?", default="-", metavar="FILE", help="input file, or - for stdin (default)")
+    p.add_argument("--ref", metavar="NAME", help="then point ref NAME at the last context (a fast-forward only)")
+    p.add_argument("--force", action="store_true", help="with --ref: move the ref even if the push does not build on it")
     p = add("expand", cmd_expand, "print the expansion of a context")
-    p.add_argument("id")
+    p.add_argument("id", help="a context id, a unique prefix of one, or a ref name")
     p.add_argument("--json", action="store_true", help="one JSON object (with --stream: one JSON line per chunk)")
     p.add_argument("--stream", action="store_true", help="stream chunks, most relevant first")
     p.add_argument("--min-relevance", type=_non_negative_float, default=0.0, metavar="X")
@@ -506,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_positive_int, metavar="N",
                    help="token budget of the output; with --stream, per chunk (default 500)")
     p = add("query", cmd_query, "run a ContextQuery over the expansion of a context")
-    p.add_argument("id")
+    p.add_argument("id", help="a context id, a unique prefix of one, or a ref name")
     p.add_argument("--type", metavar="T", help="keep atoms whose type unifies with T, e.g. String or List[Int]")
     p.add_argument("--min-relevance", type=_non_negative_float, default=0.0, metavar="X")
     p.add_argument("--max-age", type=_non_negative_float, metavar="SECONDS")
@@ -524,9 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object (schema 1); with --watch, one line per refresh")
     p.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
     p = add("log", cmd_log, "print the lineage of a context, root first")
-    p.add_argument("id")
+    p.add_argument("id", help="a context id, a unique prefix of one, or a ref name")
     add("heads", cmd_heads, "print the ids no other context names as base")
     add("fsck", cmd_fsck, "re-hash every object and check every lineage")
+    from daemon import cli_refs
+
+    cli_refs.add_parser(sub)
     return parser
 
 

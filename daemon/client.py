@@ -31,6 +31,9 @@ from sync.messages import (
     PushContext,
     QueryRequest,
     QueryResponse,
+    RefSet,
+    RefsRequest,
+    RefsResponse,
     StatusRequest,
     StatusResponse,
     StreamChunk,
@@ -40,6 +43,7 @@ from sync.messages import (
     make_hello,
 )
 from sync.model import MemoryAtom, TypeSignature, check_id
+from sync.refs import check_ref_name
 
 from daemon.endpoint import (
     CLIENT_NODE_ID,
@@ -343,6 +347,35 @@ class LocalClient(_Endpoint):
 
     async def status(self) -> dict:
         return (await self._call(StatusRequest(), StatusResponse)).status
+
+    # ------------------------------------------------------------ refs
+
+    async def ref_set(self, name: str, target: str) -> list[str]:
+        """Point ref `name` at context `target` (held by the daemon); the ids of
+        the update(s) the daemon signed, committed and announced to its peers."""
+        request = RefSet(name=check_ref_name(name), target=bytes.fromhex(check_id(target, "ref target")))
+        return [i.hex() for i in (await self._call(request, Ack)).ids]
+
+    async def ref_delete(self, name: str) -> list[str]:
+        """Delete ref `name`; LocalApiError NOT_FOUND if it does not exist."""
+        request = RefSet(name=check_ref_name(name), target=None)
+        return [i.hex() for i in (await self._call(request, Ack)).ids]
+
+    async def refs(self) -> list[dict]:
+        """Every ref that exists, by name: {name, target, conflict, candidates, updated, node_id}."""
+        return list((await self._call(RefsRequest(), RefsResponse)).refs)
+
+    async def ref(self, name: str) -> dict:
+        """One ref's value (as in `refs()`); LocalApiError NOT_FOUND if it does not exist."""
+        response = await self._call(RefsRequest(name=check_ref_name(name)), RefsResponse)
+        if len(response.refs) != 1:
+            raise LocalApiError(ErrorCode.PROTOCOL_ERROR, f"the daemon answered {len(response.refs)} refs, not 1")
+        return response.refs[0]
+
+    async def ref_log(self, name: str) -> list[dict]:
+        """Every update of ref `name`, newest first: {id, name, target (None:
+        deleted), supersedes, node_id, time}; NOT_FOUND if it has none."""
+        return list((await self._call(RefsRequest(name=check_ref_name(name), log=True), RefsResponse)).refs)
 
     async def ping(self, nonce: int = 0) -> None:
         await self.send(Ping(nonce=nonce))

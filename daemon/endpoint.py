@@ -17,6 +17,8 @@ from sync.errors import ErrorCode, RemoteProtocolError, error_code_from_wire
 from sync.merkle import merkle_root
 from sync.messages import ExpandResponse, Goodbye, Message
 from sync.model import ExpandedContext, MemoryAtom
+from sync.refs import RefUpdate, RefValue, check_ref_name
+from sync.store import NotFound
 
 
 logger = logging.getLogger("daemon.localapi")
@@ -133,6 +135,52 @@ def expanded_from_response(response: ExpandResponse) -> ExpandedContext:
         response.total_tokens,
         response.type_summary,
     )
+
+
+def ref_value_to_json(value: RefValue) -> dict:
+    """A ref as `ctxfs ref list|show --json` prints it (and REFS_RESPONSE carries it)."""
+    return {
+        "name": value.name,
+        "target": value.target,
+        "conflict": value.conflict,
+        "candidates": list(value.candidates),
+        "updated": value.updated.isoformat(),
+        "node_id": value.node_id,
+    }
+
+
+def ref_update_to_json(update: RefUpdate) -> dict:
+    """One update of a ref as `ctxfs ref log --json` prints it; target None: a deletion."""
+    return {
+        "id": update.id,
+        "name": update.name,
+        "target": update.target,
+        "supersedes": list(update.supersedes),
+        "node_id": update.node_id,
+        "time": update.time.isoformat(),
+    }
+
+
+def read_refs(store, name: str | None, log: bool = False) -> list[dict]:
+    """What REFS_REQUEST asks, from a store (blocking): every ref's value
+    (`name` None), one ref's value, or every update of `name` (`log`),
+    newest first. NotFound for a ref with no value (no update, for `log`);
+    ValueError for a bad name."""
+    if name is None:
+        if log:
+            raise ValueError("a ref log needs a ref name")
+        table = store.ref_table()
+        return [ref_value_to_json(table.value(n)) for n in table.names()]
+    check_ref_name(name)
+    if log:
+        updates = store.ref_updates_of(name)
+        if not updates:
+            raise NotFound(name, "ref")
+        return [ref_update_to_json(u) for u in updates]
+    value = store.ref_value(name)
+    if value is None:
+        raise NotFound(name, "ref")
+    return [ref_value_to_json(value)]
 
 
 def _socket_path(paths: HomePaths) -> str:

@@ -10,6 +10,10 @@ the client. The server answers on that stream and forgets it:
     STREAM_REQUEST  -> STREAM_CHUNK... (flow-controlled) then STREAM_END, or ERROR
     QUERY_REQUEST   -> QUERY_RESPONSE, or ERROR
     STATUS_REQUEST  -> STATUS_RESPONSE
+    REF_SET         -> ACK(update ids) once committed and announced, or ERROR
+                       (BAD_REQUEST: bad name; MISSING_BASE: target not held;
+                       NOT_FOUND: deleting a ref that does not exist)
+    REFS_REQUEST    -> REFS_RESPONSE, or ERROR (NOT_FOUND: no such ref)
     PING -> PONG and GOODBYE -> GOODBYE, on stream 0.
 
 A client abandons a stream by sending ERROR (code NO_ERROR) on it; the
@@ -41,6 +45,7 @@ from sync.messages import (
     FLOW_CONTROLLED,
     MAX_ATOMS_PER_MESSAGE,
     MAX_REASON_LENGTH,
+    MAX_REFS_PER_MESSAGE,
     Ack,
     Credit,
     Error,
@@ -54,6 +59,9 @@ from sync.messages import (
     PushContext,
     QueryRequest,
     QueryResponse,
+    RefSet,
+    RefsRequest,
+    RefsResponse,
     StatusRequest,
     StatusResponse,
     StreamChunk,
@@ -64,6 +72,7 @@ from sync.messages import (
 )
 from sync.model import check_id, is_id
 from sync.query import ContextQuery
+from sync.refs import check_ref_name
 from sync.store import MissingBase, NotFound, StoreError, StoreUnavailable
 
 from daemon.endpoint import (
@@ -87,6 +96,7 @@ from daemon.endpoint import (
     send_and_close,
     filter_expansion,
     logger,
+    read_refs,
 )
 from daemon.client import ChunkStream, LocalClient
 
@@ -283,6 +293,8 @@ _HANDLERS = {
     StreamRequest: "_stream",
     QueryRequest: "_query",
     StatusRequest: "_status",
+    RefSet: "_ref_set",
+    RefsRequest: "_refs",
 }
 
 
@@ -566,6 +578,26 @@ class _Session(_Endpoint):
 
     async def _status(self, stream_id: int, request: StatusRequest, _req: _Request) -> StatusResponse:
         return StatusResponse(status=self.node.status())
+
+    async def _ref_set(self, stream_id: int, request: RefSet, _req: _Request) -> Ack:
+        # The node checks the name (ValueError: BAD_REQUEST) and the target
+        # (MissingTarget: MISSING_BASE), signs with its key and announces.
+        node = self.node
+        if request.target is not None:
+            ids = await node.set_ref(request.name, request.target.hex())
+        else:
+            check_ref_name(request.name)
+            if await node.run_sync(node.store.ref_value, request.name) is None:
+                raise NotFound(request.name, "ref")
+            ids = await node.delete_ref(request.name)
+        return Ack(ids=tuple(bytes.fromhex(i) for i in ids))
+
+    async def _refs(self, stream_id: int, request: RefsRequest, _req: _Request) -> RefsResponse:
+        node = self.node
+        items = await node.run_sync(read_refs, node.store, request.name, request.log)
+        if len(items) > MAX_REFS_PER_MESSAGE:
+            raise LocalApiError(ErrorCode.LIMIT_EXCEEDED, f"{len(items)} refs, over {MAX_REFS_PER_MESSAGE} per message")
+        return RefsResponse(refs=tuple(items))
 
 
 def _next_batch(cursor: StreamCursor, store, expander, max_chunks: int, budget: int) -> list[tuple[StreamChunk, int]]:

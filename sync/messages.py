@@ -25,6 +25,7 @@ import msgpack
 from sync import codec
 from sync.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from sync.model import MemoryAtom, MemoryMolecule, TypeSignature  # noqa: F401 (field types)
+from sync.refs import MAX_REF_NAME_BYTES
 
 MAGIC = b"CTXF"
 PROTOCOL_VERSIONS = (1,)
@@ -46,6 +47,10 @@ MAX_VERSIONS = 16
 MAX_AGE_SECONDS = 1e11
 # A reconciliation message is a short list (sync/reconcile.py validates it).
 MAX_RECONCILE_FIELDS = 8
+# Items per REFS_RESPONSE: a listing of every ref or one ref's log. Far
+# beyond a real cluster's refs; a longer answer is LIMIT_EXCEEDED and the
+# client reads the store itself. (Bytes are bounded by the frame layer.)
+MAX_REFS_PER_MESSAGE = 65536
 ID_BYTES = 32
 
 
@@ -56,6 +61,8 @@ class MessageType(enum.IntEnum):
     QUERY_REQUEST = 0x03
     PUSH_CONTEXT = 0x04
     STATUS_REQUEST = 0x05
+    REF_SET = 0x06
+    REFS_REQUEST = 0x07
     # sync, both ways
     HELLO = 0x10
     ROOT = 0x11
@@ -73,6 +80,7 @@ class MessageType(enum.IntEnum):
     QUERY_RESPONSE = 0x84
     ACK = 0x85
     STATUS_RESPONSE = 0x86
+    REFS_RESPONSE = 0x87
     ERROR = 0xFF
 
 
@@ -112,6 +120,11 @@ def _finite(_inst: object, attr: attrs.Attribute, value: float) -> None:
 def _optional_finite(_inst: object, attr: attrs.Attribute, value: float | None) -> None:
     if value is not None and not (math.isfinite(value) and value <= MAX_AGE_SECONDS):
         raise ValueError(f"{attr.name} must be finite and at most {MAX_AGE_SECONDS:g}")
+
+
+def _optional_id(_inst: object, attr: attrs.Attribute, value: bytes | None) -> None:
+    if value is not None:
+        _id(_inst, attr, value)
 
 
 def _positive(_inst: object, attr: attrs.Attribute, value: int) -> None:
@@ -336,10 +349,42 @@ class StatusResponse:
     status: dict[str, Any]
 
 
+@_frozen
+class RefSet:
+    """Point ref `name` at context `target` (nil: delete the ref). The node
+    signs the update with its own key; answered by ACK with the update ids.
+
+    The name is only bounded here: the server checks it (sync.refs) and
+    answers BAD_REQUEST, so a bad name costs the request, not the connection.
+    """
+
+    TYPE: ClassVar = MessageType.REF_SET
+    name: str = attrs.field(validator=_max_len(MAX_REF_NAME_BYTES))
+    target: bytes | None = attrs.field(validator=_optional_id)
+
+
+@_frozen
+class RefsRequest:
+    """Every ref's value (`name` nil), one ref's value, or (`log`) every
+    update of `name`, newest first. Answered by REFS_RESPONSE."""
+
+    TYPE: ClassVar = MessageType.REFS_REQUEST
+    name: str | None = attrs.field(default=None, validator=attrs.validators.optional(_max_len(MAX_REF_NAME_BYTES)))
+    log: bool = False
+
+
+@_frozen
+class RefsResponse:
+    """Plain maps, as `ctxfs ref list|show|log --json` prints them."""
+
+    TYPE: ClassVar = MessageType.REFS_RESPONSE
+    refs: tuple[dict[str, Any], ...] = attrs.field(validator=_max_len(MAX_REFS_PER_MESSAGE))
+
+
 Message = (
     Hello | Root | Credit | Ping | Pong | Goodbye | Error | Reconcile | Want | Objects | Ack
     | PushContext | ExpandRequest | ExpandResponse | StreamRequest | StreamChunk | StreamEnd
-    | QueryRequest | QueryResponse | StatusRequest | StatusResponse
+    | QueryRequest | QueryResponse | StatusRequest | StatusResponse | RefSet | RefsRequest | RefsResponse
 )
 
 MESSAGE_CLASSES: dict[MessageType, type] = {cls.TYPE: cls for cls in Message.__args__}

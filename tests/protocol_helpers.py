@@ -38,6 +38,9 @@ from sync.messages import (
     Root,
     StatusRequest,
     StatusResponse,
+    RefSet,
+    RefsRequest,
+    RefsResponse,
     StreamChunk,
     StreamEnd,
     StreamRequest,
@@ -250,6 +253,9 @@ MESSAGE_STRATEGIES = {
     MessageType.STATUS_REQUEST: st.builds(StatusRequest),
     MessageType.STATUS_RESPONSE: st.builds(StatusResponse, status=json_maps),
     MessageType.ERROR: st.builds(Error, code=u64, message=st.text(max_size=1024)),
+    MessageType.REF_SET: st.builds(RefSet, name=st.text(max_size=200), target=_optional(ids)),
+    MessageType.REFS_REQUEST: st.builds(RefsRequest, name=_optional(st.text(max_size=200)), log=st.booleans()),
+    MessageType.REFS_RESPONSE: st.builds(RefsResponse, refs=_tuples(json_maps, 4)),
 }
 
 any_message = st.one_of(*MESSAGE_STRATEGIES.values())

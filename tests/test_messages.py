@@ -22,6 +22,7 @@ from sync.messages import (
     MAX_IDS_PER_MESSAGE,
     MAX_OBJECTS_PER_MESSAGE,
     MAX_REASON_LENGTH,
+    MAX_REFS_PER_MESSAGE,
     MAX_VERSIONS,
     MESSAGE_CLASSES,
     Ack,
@@ -39,6 +40,9 @@ from sync.messages import (
     QueryRequest,
     QueryResponse,
     Reconcile,
+    RefSet,
+    RefsRequest,
+    RefsResponse,
     Root,
     StatusRequest,
     StatusResponse,
@@ -86,6 +90,11 @@ EXAMPLES = {
     MessageType.STATUS_REQUEST: StatusRequest(),
     MessageType.STATUS_RESPONSE: StatusResponse(status={"schema": 1, "peers": [{"id": "ab", "ok": True}]}),
     MessageType.ERROR: Error(code=int(ErrorCode.NOT_FOUND), message="no such context"),
+    MessageType.REF_SET: RefSet(name="projects/x", target=ID1),
+    MessageType.REFS_REQUEST: RefsRequest(name="main", log=True),
+    MessageType.REFS_RESPONSE: RefsResponse(
+        refs=({"name": "main", "target": "01" * 32, "conflict": False, "candidates": ["01" * 32]},)
+    ),
 }
 
 
@@ -273,6 +282,7 @@ ID_FIELDS = [
     (MessageType.EXPAND_REQUEST, "id", False), (MessageType.EXPAND_RESPONSE, "id", False),
     (MessageType.EXPAND_RESPONSE, "expansion_path", True), (MessageType.EXPAND_RESPONSE, "atom_root", False),
     (MessageType.STREAM_REQUEST, "id", False), (MessageType.QUERY_REQUEST, "id", False),
+    (MessageType.REF_SET, "target", False),
 ]
 
 
@@ -295,6 +305,9 @@ def test_ids_of_the_wrong_length_are_decode_errors(msg_type, name, many, length)
         (MessageType.GOODBYE, ("reason",), "r", MAX_REASON_LENGTH),
         (MessageType.ERROR, ("message",), "m", MAX_REASON_LENGTH),
         (MessageType.STREAM_END, ("status",), "s", MAX_REASON_LENGTH),
+        (MessageType.REF_SET, ("name",), "n", 200),
+        (MessageType.REFS_REQUEST, ("name",), "n", 200),
+        (MessageType.REFS_RESPONSE, ("refs",), {}, MAX_REFS_PER_MESSAGE),
     ],
     ids=lambda v: getattr(v, "name", None) or (v[0] if isinstance(v, tuple) else None),
 )
