@@ -4,6 +4,7 @@ test helpers on sys.path, and the watchers the hostile parts run."""
 from __future__ import annotations
 
 import collections
+import importlib.machinery
 import importlib.util
 import math
 import struct
@@ -19,8 +20,14 @@ TESTS = Path(__file__).resolve().parent.parent / "tests"
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 if importlib.util.find_spec("pytest") is None:
-    # A venv without the test extra: the helpers import pytest only for fixtures.
-    sys.modules["pytest"] = types.SimpleNamespace(fixture=lambda f: f, skip=None)
+    # A venv without the test extra: the helpers import pytest only for
+    # fixtures. A real module object with a spec, so that later find_spec
+    # calls (bench_bed, chaos_net) see it as present.
+    stub = types.ModuleType("pytest")
+    stub.__spec__ = importlib.machinery.ModuleSpec("pytest", None)
+    stub.fixture = lambda f: f
+    stub.skip = None
+    sys.modules["pytest"] = stub
 
 from daemon.localapi import LocalClient  # noqa: E402
 from daemon.paths import HomePaths  # noqa: E402

@@ -54,7 +54,6 @@ failed run are kept and their path printed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import shutil
 import signal
@@ -62,7 +61,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,16 +68,11 @@ from pathlib import Path
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
-for _path in (str(ROOT), str(ROOT / "tests")):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-if importlib.util.find_spec("pytest") is None:
-    # A venv without the test extra: netns_helpers imports pytest only for its fixture, unused here.
-    sys.modules["pytest"] = types.SimpleNamespace(fixture=lambda f: f, skip=None)
-
+from chaos_common import Outcome  # noqa: E402  (first: it puts tests/ on sys.path, pytest or not)
 import netns_helpers  # noqa: E402
-from chaos_common import Outcome  # noqa: E402
 from chaos_net_impair import EmulatedImpairment, Netem, must, netem_unavailable, sh, short_reason  # noqa: E402
 from netns_helpers import Bed, NetnsDaemon  # noqa: E402
 from process_helpers import read_store_ids  # noqa: E402
