@@ -466,26 +466,6 @@ def _first_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-def cmd_log(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
-    store = _open_store(home)
-    try:
-        for cid in store.get_lineage(resolve_id(store, args.id)):
-            print(cid, file=out)
-    finally:
-        store.close()
-    return 0
-
-
-def cmd_heads(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
-    store = _open_store(home)
-    try:
-        for cid in store.heads():
-            print(cid, file=out)
-    finally:
-        store.close()
-    return 0
-
-
 def cmd_fsck(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
     store = _open_store(home)
     try:
@@ -569,14 +549,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "address if specific, else every IPv4 interface)")
     p.add_argument("--log-json", action="store_true", help="log JSON lines instead of plain lines")
     p = add("status", cmd_status, "show this node's sync status (needs the daemon)")
-    p.add_argument("--json", action="store_true", help="one JSON object (schema 1); with --watch, one line per refresh")
+    p.add_argument("--json", action="store_true", help="one JSON object (schema 2); with --watch, one line per refresh")
     p.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
-    p = add("log", cmd_log, "print the lineage of a context, root first")
-    p.add_argument("id", help="a context id, a unique prefix of one, or a ref name")
-    add("heads", cmd_heads, "print the ids no other context names as base")
     add("fsck", cmd_fsck, "re-hash every object and check every lineage")
-    from daemon import cli_refs
+    from daemon import cli_history, cli_refs
 
+    cli_history.add_parser(sub)  # show, log, heads, merge
     cli_refs.add_parser(sub)
     return parser
 

@@ -319,7 +319,7 @@ def test_push_design_example_prints_its_id(home, tmp_path, run):
     assert result.code == 0, result.err
     assert result.lines == [expected.id]
     assert len(rows(home)) == 1
-    assert run(home, "heads").lines == [expected.id]
+    assert run(home, "heads", "--ids").lines == [expected.id]
     assert run(home, "expand", expected.id).lines == ["[String] User prefers Python"]
     # Pushing it again is harmless and prints the same id.
     again = run(home, "push", str(tmp_path / "ex.json"))
@@ -334,7 +334,7 @@ def test_push_json_lines_prints_ids_in_order(home, tmp_path, run):
     result = run(home, "push", str(write(tmp_path / "chain.jsonl", jsonl(a, b, c))))
     assert result.code == 0, result.err
     assert result.lines == [a.id, b.id, c.id]
-    assert run(home, "log", c.id).lines == [a.id, b.id, c.id]
+    assert run(home, "log", "--ids", c.id).lines == [a.id, b.id, c.id]
     assert run(home, "expand", c.id).lines == ["[String] third", "[String] second", "[String] first"]
 
 
@@ -602,7 +602,7 @@ def test_id_prefix_works_for_expand_log_and_query(rich, run):
     prefix = CHILD.id[:8]
     assert run(rich, "expand", prefix).lines == EXPECTED_ORDER
     assert json.loads(run(rich, "expand", "--json", prefix.upper()).out)["id"] == CHILD.id
-    assert run(rich, "log", prefix).lines == [ROOT.id, CHILD.id]
+    assert run(rich, "log", "--ids", prefix).lines == [ROOT.id, CHILD.id]
     assert len(run(rich, "query", prefix).lines) == 6
 
 
@@ -664,7 +664,7 @@ def test_delta_removing_an_atom_hides_it(rich, tmp_path, run):
     assert kept.code == 0, kept.err
     assert kept.lines[0] != removed_id
     assert run(rich, "expand", kept.lines[0]).lines == EXPECTED_ORDER
-    assert sorted(run(rich, "heads").lines) == sorted([removed_id, kept.lines[0]])
+    assert sorted(run(rich, "heads", "--ids").lines) == sorted([removed_id, kept.lines[0]])
 
 
 # --------------------------------------------------------------------------
@@ -672,24 +672,27 @@ def test_delta_removing_an_atom_hides_it(rich, tmp_path, run):
 # --------------------------------------------------------------------------
 
 
-def test_log_prints_lineage_root_first(home, tmp_path, run):
+def test_log_ids_prints_lineage_root_first(home, tmp_path, run):
+    # `log --ids` keeps the output `log` had before it printed one line per
+    # context newest first (tests/test_cli_history.py has that).
     a = ctx(None, atom("a", 0.1))
     b = ctx(a.id, atom("b", 0.2))
     c = ctx(b.id, atom("c", 0.3))
     push(run, home, tmp_path, a, b, c)
-    assert run(home, "log", c.id).lines == [a.id, b.id, c.id]
-    assert run(home, "log", b.id).lines == [a.id, b.id]
-    assert run(home, "log", a.id).lines == [a.id]
+    assert run(home, "log", "--ids", c.id).lines == [a.id, b.id, c.id]
+    assert run(home, "log", "--ids", b.id).lines == [a.id, b.id]
+    assert run(home, "log", "--ids", a.id).lines == [a.id]
+    assert run(home, "log", "--ids", "-n", "2", c.id).lines == [b.id, c.id]  # the newest two, root first
 
 
 def test_heads_lists_every_tip(home, tmp_path, run):
-    assert run(home, "heads").lines == []
+    assert run(home, "heads", "--ids").lines == []
     left = ctx(ROOT.id, atom("left", 0.5))
     right = ctx(ROOT.id, atom("right", 0.5))
     push(run, home, tmp_path, ROOT)
-    assert run(home, "heads").lines == [ROOT.id]
+    assert run(home, "heads", "--ids").lines == [ROOT.id]
     push(run, home, tmp_path, left, right)
-    heads = run(home, "heads")
+    heads = run(home, "heads", "--ids")
     assert heads.code == 0
     assert sorted(heads.lines) == sorted([left.id, right.id])
     assert ROOT.id not in heads.lines
@@ -801,10 +804,12 @@ def test_ten_thousand_deep_chain(home, tmp_path, run):
     assert pushed.lines == [c.id for c in contexts]
     tip = contexts[-1].id
 
-    log = run(home, "log", tip)
+    log = run(home, "log", "--ids", tip)
     assert log.code == 0, log.err
     assert len(log.lines) == depth
     assert log.lines[0] == contexts[0].id and log.lines[-1] == tip
+    newest = run(home, "log", "-n", "2", tip).lines
+    assert [line.split()[0] for line in newest] == [tip[:12], contexts[-2].id[:12]]
 
     expanded = run(home, "expand", "--json", tip)
     assert expanded.code == 0, expanded.err
@@ -815,7 +820,7 @@ def test_ten_thousand_deep_chain(home, tmp_path, run):
     assert doc["atoms"][0]["content"] == "fact 0"
     assert doc["atoms"][-1]["content"] == f"fact {depth - 1}"
 
-    assert run(home, "heads").lines == [tip]
+    assert run(home, "heads", "--ids").lines == [tip]
     assert run(home, "fsck").code == 0
 
 

@@ -86,14 +86,14 @@ def test_a_ref_name_is_accepted_where_an_id_is(rich, run):
     assert run(rich, "ref", "set", "main", CHILD.id).code == 0
     for args in (["expand"], ["expand", "--json"], ["query", "--json"], ["log"]):
         assert run(rich, *args, "main").out == run(rich, *args, CHILD.id).out, args
-    assert run(rich, "log", "main").lines == [ROOT.id, CHILD.id]
+    assert run(rich, "log", "--ids", "main").lines == [ROOT.id, CHILD.id]
 
 
 def test_a_ref_named_like_a_prefix_wins_over_the_prefix(rich, run):
     prefix = ROOT.id[:6]
     assert run(rich, "ref", "set", prefix, CHILD.id).code == 0
-    assert run(rich, "log", prefix).lines == [ROOT.id, CHILD.id]  # the ref, not the prefix
-    assert run(rich, "log", ROOT.id[:7]).lines == [ROOT.id]
+    assert run(rich, "log", "--ids", prefix).lines == [ROOT.id, CHILD.id]  # the ref, not the prefix
+    assert run(rich, "log", "--ids", ROOT.id[:7]).lines == [ROOT.id]
 
 
 def test_prefixes_resolve_to_contexts_never_to_ref_updates(rich, run):

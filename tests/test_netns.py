@@ -102,7 +102,7 @@ def test_three_hosts_find_each_other_and_converge_after_a_push(bed: Bed):
     wait_in_sync(bed, daemons, objects=1)
     synced = time.monotonic()
     assert {s["root"] for s in (d.quick_status() for d in daemons)} == {daemons[0].quick_status()["root"]}
-    assert all(d.ctxfs("log", cid).stdout.split() == [cid] for d in daemons)
+    assert all(d.ctxfs("log", "--ids", cid).stdout.split() == [cid] for d in daemons)
     print(f"netns timings: start to all connected {connected - started:.3f} s "
           f"(all answering to all connected {connected - answering:.3f} s); "
           f"push to all in sync {synced - pushed:.3f} s")
