@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from daemon.paths import HomePaths
@@ -31,9 +32,11 @@ from sync.messages import (
     PushContext,
     QueryRequest,
     QueryResponse,
+    RefChanged,
     RefSet,
     RefsRequest,
     RefsResponse,
+    RefsWatch,
     StatusRequest,
     StatusResponse,
     StreamChunk,
@@ -377,6 +380,24 @@ class LocalClient(_Endpoint):
         deleted), supersedes, node_id, time}; NOT_FOUND if it has none."""
         return list((await self._call(RefsRequest(name=check_ref_name(name), log=True), RefsResponse)).refs)
 
+    def watch_refs(self, names: Sequence[str] | None = None) -> RefWatch:
+        """Changes of refs `names` (None: every ref) as they happen, made here
+        or arriving from a peer:
+
+            async with client.watch_refs(["main"]) as changes:
+                changes.snapshot            # the watched refs when the watch began
+                async for change in changes:  # RefChange(name, old, new, conflict, candidates)
+                    ...
+
+        Every change after `snapshot` is told; a consumer that falls behind
+        gets, per ref, one change from what it last saw to the latest value
+        (changes coalesce, here and in the daemon). Leaving the `async with`
+        ends the watch in the daemon.
+        """
+        if names is not None:
+            names = tuple(check_ref_name(n) for n in names)
+        return RefWatch(self, RefsWatch(names=names))
+
     async def ping(self, nonce: int = 0) -> None:
         await self.send(Ping(nonce=nonce))
 
@@ -445,3 +466,145 @@ class ChunkStream:
                     with contextlib.suppress(LocalApiError, trio.BrokenResourceError, trio.ClosedResourceError):
                         await client.release(self._stream_id, unread)
 
+
+
+@attrs.frozen(kw_only=True)
+class RefChange:
+    """A watched ref's value changed: `old` is the target last seen (the
+    snapshot's, or the previous change's; None: it did not exist), `new`
+    the target now (None: deleted). Ids are 64 hex characters."""
+
+    name: str
+    old: str | None
+    new: str | None
+    conflict: bool
+    candidates: tuple[str, ...]
+
+
+def _change(message: RefChanged) -> RefChange:
+    return RefChange(
+        name=message.name,
+        old=message.old.hex() if message.old is not None else None,
+        new=message.new.hex() if message.new is not None else None,
+        conflict=message.conflict,
+        candidates=tuple(c.hex() for c in message.candidates),
+    )
+
+
+class _ChangeInbox:
+    """What arrived on a watch's stream: changes coalesced per ref name (one
+    pending change per ref, keeping the oldest `old` and the latest value,
+    so memory is bounded by the refs watched however many changes arrive
+    unread), and anything else (the snapshot, an ERROR) in order."""
+
+    def __init__(self) -> None:
+        self.changes: dict[str, RefChanged] = {}  # insertion-ordered
+        self.items: deque[Received] = deque()
+        self._wakeup = trio.Event()
+        self._error: LocalApiError | None = None
+
+    def put(self, item: Received) -> None:
+        message = item.message
+        if isinstance(message, RefChanged):
+            earlier = self.changes.pop(message.name, None)
+            if earlier is not None:
+                message = attrs.evolve(message, old=earlier.old)
+            self.changes[message.name] = message
+        else:
+            self.items.append(item)
+        self._wakeup.set()
+
+    def fail(self, error: LocalApiError) -> None:
+        self._error = error
+        self._wakeup.set()
+
+    async def get(self) -> RefChanged | Received:
+        while True:
+            if self.changes:
+                name = next(iter(self.changes))
+                return self.changes.pop(name)
+            if self.items:
+                return self.items.popleft()
+            if self._error is not None:
+                raise self._error
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+
+
+class RefWatch:
+    """An async context manager and async iterator of RefChange (see
+    LocalClient.watch_refs). Entering it starts the watch and waits until
+    the daemon has taken its snapshot: a change made after that is told."""
+
+    def __init__(self, client: LocalClient, request: RefsWatch) -> None:
+        self._client = client
+        self._request = request
+        self._stream_id: int | None = None
+        self._inbox: _ChangeInbox | None = None
+        self._done = False
+        self.snapshot: list[dict] = []  # the watched refs that existed when the watch began
+
+    @property
+    def pending(self) -> int:
+        """Changes received and not yet iterated (at most one per ref)."""
+        return len(self._inbox.changes) if self._inbox is not None else 0
+
+    async def __aenter__(self) -> RefWatch:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Send the watch and wait for its snapshot (done by `async with`)."""
+        if self._stream_id is not None:
+            return
+        client = self._client
+        if client._closing:
+            raise ConnectionLost(ErrorCode.INTERNAL, "the client is closed")
+        client._check_open()
+        self._stream_id = client.conn.open_stream()
+        inbox = self._inbox = _ChangeInbox()
+        client._inboxes[self._stream_id] = inbox  # type: ignore[assignment]
+        try:
+            await client._sending(client.send(self._request, self._stream_id))
+            first = await inbox.get()
+            if isinstance(first, RefChanged):  # never before the snapshot
+                raise LocalApiError(ErrorCode.PROTOCOL_ERROR, "the daemon sent REF_CHANGED before the snapshot")
+            self.snapshot = list(_expect(first, RefsResponse).refs)
+        except BaseException:
+            self._done = True
+            client._forget(self._stream_id)
+            raise
+
+    def __aiter__(self) -> RefWatch:
+        return self
+
+    async def __anext__(self) -> RefChange:
+        if self._done:
+            raise StopAsyncIteration
+        await self.start()
+        received = await self._inbox.get()
+        if isinstance(received, RefChanged):
+            return _change(received)
+        # The daemon ended the watch: an ERROR (e.g. it is stopping).
+        self._done = True
+        self._client._forget(self._stream_id)
+        _expect(received, RefChanged)
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        """End the watch: tell the daemon (it frees the request slot)."""
+        if self._done:
+            return
+        self._done = True
+        if self._stream_id is None:
+            return
+        client = self._client
+        try:
+            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                with contextlib.suppress(LocalApiError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    await client.send(Error(code=int(ErrorCode.NO_ERROR), message="watch ended"), self._stream_id)
+        finally:
+            client._forget(self._stream_id)

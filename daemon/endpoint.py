@@ -38,6 +38,11 @@ LOCK_TIMEOUT = 5.0
 # refused with LIMIT_EXCEEDED, as HTTP/2 refuses streams over its limit:
 # never blocking the reader keeps CREDIT frames flowing.
 MAX_REQUESTS_PER_CLIENT = 32
+# Ref watches one client may hold open (each also counts as a request in
+# progress): half the requests, so a client watching still has room to ask.
+# Each costs the node one callback per ref change and, while its client does
+# not read, at most one pending change per watched ref.
+MAX_WATCHES_PER_CLIENT = 16
 # A stream's chunks are built in the store thread in batches: one thread hop
 # carries up to this many chunks or atoms, and never more bytes than the
 # client's window has room for (but one chunk). The first batch is one
@@ -181,6 +186,15 @@ def read_refs(store, name: str | None, log: bool = False) -> list[dict]:
     if value is None:
         raise NotFound(name, "ref")
     return [ref_value_to_json(value)]
+
+
+def read_ref_values(store, names: frozenset[str] | None) -> dict[str, RefValue]:
+    """The values of refs `names` that exist (None: every ref), from a store
+    (blocking): what a ref watch starts from and compares changes with."""
+    if names is None:
+        table = store.ref_table()
+        return {name: table.value(name) for name in table.names()}
+    return {name: value for name in sorted(names) if (value := store.ref_value(name)) is not None}
 
 
 def _socket_path(paths: HomePaths) -> str:

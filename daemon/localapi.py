@@ -14,6 +14,8 @@ the client. The server answers on that stream and forgets it:
                        (BAD_REQUEST: bad name; MISSING_BASE: target not held;
                        NOT_FOUND: deleting a ref that does not exist)
     REFS_REQUEST    -> REFS_RESPONSE, or ERROR (NOT_FOUND: no such ref)
+    REFS_WATCH      -> REFS_RESPONSE (the watched refs now), then REF_CHANGED
+                       per change of a watched ref's value, until abandoned
     PING -> PONG and GOODBYE -> GOODBYE, on stream 0.
 
 A client abandons a stream by sending ERROR (code NO_ERROR) on it; the
@@ -44,6 +46,7 @@ from sync.flow import FlowStatistics
 from sync.messages import (
     FLOW_CONTROLLED,
     MAX_ATOMS_PER_MESSAGE,
+    MAX_IDS_PER_MESSAGE,
     MAX_REASON_LENGTH,
     MAX_REFS_PER_MESSAGE,
     Ack,
@@ -59,9 +62,11 @@ from sync.messages import (
     PushContext,
     QueryRequest,
     QueryResponse,
+    RefChanged,
     RefSet,
     RefsRequest,
     RefsResponse,
+    RefsWatch,
     StatusRequest,
     StatusResponse,
     StreamChunk,
@@ -72,7 +77,7 @@ from sync.messages import (
 )
 from sync.model import check_id, is_id
 from sync.query import ContextQuery
-from sync.refs import check_ref_name
+from sync.refs import RefValue, check_ref_name
 from sync.store import MissingBase, NotFound, StoreError, StoreUnavailable
 
 from daemon.endpoint import (
@@ -85,6 +90,7 @@ from daemon.endpoint import (
     LOCK_TIMEOUT,
     LocalApiError,
     MAX_REQUESTS_PER_CLIENT,
+    MAX_WATCHES_PER_CLIENT,
     PROBE_TIMEOUT,
     STREAM_BATCH_ATOMS,
     STREAM_BATCH_CHUNKS,
@@ -96,15 +102,17 @@ from daemon.endpoint import (
     send_and_close,
     filter_expansion,
     logger,
+    read_ref_values,
     read_refs,
+    ref_value_to_json,
 )
-from daemon.client import ChunkStream, LocalClient
+from daemon.client import ChunkStream, LocalClient, RefChange, RefWatch
 
 # The client lives in daemon/client.py; it is re-exported here so callers
 # can take everything about the local API from one module.
 __all__ = [
     "ChunkStream", "ConnectionLost", "DaemonAlreadyRunning", "DaemonNotRunning", "LocalApiError",
-    "LocalApiServer", "LocalClient", "serve_local_api",
+    "LocalApiServer", "LocalClient", "RefChange", "RefWatch", "serve_local_api",
 ]
 
 # --------------------------------------------------------------------------
@@ -121,6 +129,8 @@ class ClientStatistics:
     chunks_produced: int  # stream chunks built in the store thread
     chunks_sent: int
     waiting_for_credit: int  # requests blocked on the client's flow-control window
+    watches: int  # ref watches open (counted in requests too)
+    watch_pending: int  # names marked changed, not yet read and told (all watches): at most one per watched ref each
     flow: FlowStatistics | None
 
 
@@ -295,12 +305,47 @@ _HANDLERS = {
     StatusRequest: "_status",
     RefSet: "_ref_set",
     RefsRequest: "_refs",
+    RefsWatch: "_watch",
 }
+
+
+class _Watch:
+    """One ref watch's pending changes: the set of watched names whose value
+    may have changed since it was last read. A name is in it once however
+    many updates arrive, so what a client that does not read costs is
+    bounded by the refs it watches, not by the number of changes."""
+
+    def __init__(self, names: frozenset[str] | None) -> None:
+        self.names = names
+        self.pending: set[str] = set()
+        self._wakeup = trio.Event()
+
+    def changed(self, name: str) -> None:
+        """The node's watch_refs callback (synchronous, never blocks)."""
+        if self.names is None or name in self.names:
+            self.pending.add(name)
+            self._wakeup.set()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def wait(self, request: _Request) -> set[str]:
+        """The names changed since the last call (taken), or _Abandoned."""
+        while not self.pending:
+            if request.abandoned:
+                raise _Abandoned
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+        if request.abandoned:
+            raise _Abandoned
+        names, self.pending = self.pending, set()
+        return names
 
 
 @attrs.define
 class _Request:
     abandoned: bool = False
+    watch: _Watch | None = None
 
 
 class _Session(_Endpoint):
@@ -335,8 +380,13 @@ class _Session(_Endpoint):
             chunks_produced=self.chunks_produced,
             chunks_sent=self.chunks_sent,
             waiting_for_credit=self.waiting_for_credit,
+            watches=self._watch_count(),
+            watch_pending=sum(len(r.watch.pending) for r in self._requests.values() if r.watch is not None),
             flow=self.conn.statistics(),
         )
+
+    def _watch_count(self) -> int:
+        return sum(1 for r in self._requests.values() if r.watch is not None)
 
     async def run(self) -> None:
         try:
@@ -409,6 +459,8 @@ class _Session(_Endpoint):
                 # Not a cancel scope: cancelling a task inside send_all
                 # could cut a frame and break the whole connection.
                 request.abandoned = True
+                if request.watch is not None:
+                    request.watch.wake()
                 self._credit_arrived()
         elif stream_id == 0:
             raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"{message.TYPE.name} needs a stream of its own")
@@ -429,12 +481,19 @@ class _Session(_Endpoint):
                 code=int(ErrorCode.LIMIT_EXCEEDED),
                 message=f"more than {MAX_REQUESTS_PER_CLIENT} requests in progress; wait for some to finish",
             )
+        elif isinstance(message, RefsWatch) and self._watch_count() >= MAX_WATCHES_PER_CLIENT:
+            error = Error(
+                code=int(ErrorCode.LIMIT_EXCEEDED),
+                message=f"more than {MAX_WATCHES_PER_CLIENT} ref watches open; abandon one first",
+            )
         elif isinstance(message, PushContext):
             self._requests[stream_id] = _Request()
             self._push_send.send_nowait((stream_id, message, held))
             return
         else:
             request = self._requests[stream_id] = _Request()
+            if isinstance(message, RefsWatch):
+                request.watch = _Watch(None if message.names is None else frozenset(message.names))
             handler = getattr(self, _HANDLERS[type(message)])
             self._nursery.start_soon(self._run_request, handler, stream_id, message, request)
             return
@@ -598,6 +657,64 @@ class _Session(_Endpoint):
         if len(items) > MAX_REFS_PER_MESSAGE:
             raise LocalApiError(ErrorCode.LIMIT_EXCEEDED, f"{len(items)} refs, over {MAX_REFS_PER_MESSAGE} per message")
         return RefsResponse(refs=tuple(items))
+
+    async def _watch(self, stream_id: int, request: RefsWatch, progress: _Request) -> None:
+        """REFS_RESPONSE with the watched refs now, then REF_CHANGED per real
+        change of a watched ref's value (target, conflict or candidates),
+        compared with what this client was last told. Runs until abandoned
+        (_Abandoned) or the client leaves (cancelled).
+
+        REF_CHANGED is a control message: while the client does not read, the
+        send below waits and changes coalesce in the watch's pending set.
+        """
+        node, watch = self.node, progress.watch
+        if watch.names is not None:
+            for name in watch.names:
+                check_ref_name(name)
+        # Watching before reading the starting values: a change stored in
+        # between is read again and, if it is in the snapshot, not told twice.
+        stop = node.watch_refs(watch.changed)
+        try:
+            known = await node.run_sync(read_ref_values, node.store, watch.names)
+            if len(known) > MAX_REFS_PER_MESSAGE:
+                raise LocalApiError(ErrorCode.LIMIT_EXCEEDED, f"{len(known)} refs, over {MAX_REFS_PER_MESSAGE}; watch some by name")
+            await self.send(RefsResponse(refs=tuple(ref_value_to_json(known[n]) for n in sorted(known))), stream_id)
+            while True:
+                names = sorted(await watch.wait(progress))
+                store = node.store
+                values = await node.run_sync(lambda: {n: store.ref_value(n) for n in names})
+                for name in names:
+                    old, new = known.get(name), values[name]
+                    if _same_value(old, new):
+                        continue
+                    if new is None:
+                        known.pop(name, None)
+                    else:
+                        known[name] = new
+                    if progress.abandoned:
+                        raise _Abandoned
+                    await self.send(_ref_changed(name, old, new), stream_id)
+        finally:
+            stop()
+
+
+def _same_value(old: RefValue | None, new: RefValue | None) -> bool:
+    if old is None or new is None:
+        return old is new
+    return (old.target, old.conflict, old.candidates) == (new.target, new.conflict, new.candidates)
+
+
+def _ref_changed(name: str, old: RefValue | None, new: RefValue | None) -> RefChanged:
+    # Candidates beyond the message bound (only members minting updates
+    # make so many) are cut; the winner is always in `new`.
+    candidates = new.candidates[:MAX_IDS_PER_MESSAGE] if new is not None else ()
+    return RefChanged(
+        name=name,
+        old=bytes.fromhex(old.target) if old is not None else None,
+        new=bytes.fromhex(new.target) if new is not None else None,
+        conflict=new.conflict if new is not None else False,
+        candidates=tuple(bytes.fromhex(c) for c in candidates),
+    )
 
 
 def _next_batch(cursor: StreamCursor, store, expander, max_chunks: int, budget: int) -> list[tuple[StreamChunk, int]]:

@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 _refusals = RateLimitedLog(log)
 T = TypeVar("T")
 
-STATUS_SCHEMA = 1
+STATUS_SCHEMA = 2
+# Names of refs in conflict listed in status at most (the first, sorted):
+# a status document must stay one small message; `ctxfs ref list` has all.
+MAX_STATUS_CONFLICTS = 1000
 # Rows kept in status for inbound peers whose session ended (with their last
 # error), most recent last; older ones are forgotten. Static and discovered
 # peers keep their row: they are dialled again.
@@ -82,6 +85,14 @@ class Node:
         self._pending_since = 0.0
         self._watchers: set[Callable[[], None]] = set()
         self._ref_watchers: set[Callable[[str], None]] = set()
+        # What status shows of refs, kept in memory so status() never waits
+        # on the store: the names that exist and those in conflict. Read once
+        # at start, then re-read (in the store thread) for the names that
+        # watch_refs reports changed; bounded by the number of refs.
+        self._ref_names: set[str] = set()
+        self._ref_conflicts: set[str] = set()
+        self._refs_dirty: set[str] = set()
+        self._refs_dirty_event = trio.Event()
         # This node's Ed25519 key (read in run): it signs the ref updates
         # written here. One write at a time, so that two writes here never
         # both supersede the same frontier (a conflict with ourselves).
@@ -172,6 +183,38 @@ class Node:
             for callback in list(self._ref_watchers):
                 callback(name)
 
+    def _note_ref_changed(self, name: str) -> None:
+        self._refs_dirty.add(name)
+        self._refs_dirty_event.set()
+
+    def _update_ref_summary(self, values: dict[str, refs.RefValue | None]) -> None:
+        for name, value in values.items():
+            if value is None:
+                self._ref_names.discard(name)
+            else:
+                self._ref_names.add(name)
+            if value is not None and value.conflict:
+                self._ref_conflicts.add(name)
+            else:
+                self._ref_conflicts.discard(name)
+
+    async def _load_ref_summary(self) -> None:
+        def read() -> dict[str, refs.RefValue | None]:
+            table = self.store.ref_table()
+            return {name: table.value(name) for name in table.names()}
+
+        self._update_ref_summary(await self.run_sync(read))
+
+    async def _track_refs(self) -> None:
+        """Keep status's ref summary current: one store-thread hop per batch
+        of changed names, however many updates made them change."""
+        while True:
+            await self._refs_dirty_event.wait()
+            self._refs_dirty_event = trio.Event()
+            names, self._refs_dirty = self._refs_dirty, set()
+            store = self.store
+            self._update_ref_summary(await self.run_sync(lambda: {n: store.ref_value(n) for n in names}))
+
     async def _apply_stale_ids(self) -> None:
         """New ids never wait on reconciliations for longer than MAX_INDEX_DELAY."""
         while True:
@@ -256,7 +299,11 @@ class Node:
     # ------------------------------------------------------------ status
 
     def status(self) -> dict:
-        """The schema-1 status document; `in_sync` compares roots as they are now.
+        """The schema-2 status document; `in_sync` compares roots as they are now.
+
+        Cheap and non-blocking: `refs` (how many exist) and `conflicts` (the
+        names in conflict, sorted) come from the in-memory summary that
+        _track_refs keeps, never from the store.
 
         A peer known both as a static address and as an inbound connection
         (both sides dialled) is one row: the live session's, under the
@@ -293,6 +340,8 @@ class Node:
             "root": root.hex(),
             "objects": len(self.index),
             "store_error": self.store_error,
+            "refs": len(self._ref_names),
+            "conflicts": sorted(self._ref_conflicts)[:MAX_STATUS_CONFLICTS],
             "peers": sorted(rows.values(), key=lambda r: r["address"]),
         }
 
@@ -318,6 +367,9 @@ class Node:
         try:
             ids = await self.run_sync(lambda: [bytes.fromhex(i) for i in self.store.ids()])
             self.index = IdSet(ids)
+            # Watch before reading: a change in between is read again later.
+            self.watch_refs(self._note_ref_changed)
+            await self._load_ref_summary()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 # The API socket first: a second daemon for this home stops
@@ -333,6 +385,7 @@ class Node:
                     self._dialing.add(format_address(*address))
                     nursery.start_soon(self._dial_forever, address, "static")
                 nursery.start_soon(self._apply_stale_ids)
+                nursery.start_soon(self._track_refs)
                 if self.config.mdns:
                     # mDNS discovery (daemon/discovery.py), once the port is known. It
                     # follows the root through self.watch; if mDNS cannot start it logs

@@ -1,4 +1,4 @@
-"""The status document (schema 1, design.md) and its human form for `ctxfs status`.
+"""The status document (schema 2, design.md and docs/operations.md) and its human form for `ctxfs status`.
 
 The document is built by the node; this module only renders it. Rendering
 never fails on a document from a newer or older daemon: a missing or odd
@@ -10,7 +10,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-SCHEMA = 1
+SCHEMA = 2
+# Names of refs in conflict shown in the table; --json has every one.
+MAX_CONFLICTS_SHOWN = 3
 # Ids are shown like git's short hashes: 12 hex digits are unique among far
 # more nodes and objects than a cluster holds.
 SHORT_ID = 12
@@ -84,6 +86,15 @@ def _summary(peers: list) -> str:
     return f"in sync with {synced} of {len(peers)} peers"
 
 
+def _refs(count: Any, conflicts: Any) -> str:
+    text = _count(count)
+    if not isinstance(conflicts, list) or not conflicts:
+        return text
+    names = [_text(name) for name in conflicts[:MAX_CONFLICTS_SHOWN]]
+    more = ", …" if len(conflicts) > MAX_CONFLICTS_SHOWN else ""
+    return f"{text} ({len(conflicts)} in conflict: {', '.join(names)}{more})"
+
+
 def format_status(status: dict) -> str:
     """The `ctxfs status` table: this node, then one row per peer."""
     peers = status.get("peers")
@@ -93,6 +104,8 @@ def format_status(status: dict) -> str:
         f"root     {short_id(status.get('root'))}  {_objects(status.get('objects'))}",
         f"sync     {_summary(peers)}",
     ]
+    if "refs" in status or "conflicts" in status:  # schema 2
+        lines.append(f"refs     {_refs(status.get('refs'), status.get('conflicts'))}")
     if status.get("store_error"):
         lines.append(f"store    {_text(status.get('store_error'))}: receiving paused, reads served")
     if status.get("schema") != SCHEMA:

@@ -51,6 +51,9 @@ MAX_RECONCILE_FIELDS = 8
 # beyond a real cluster's refs; a longer answer is LIMIT_EXCEEDED and the
 # client reads the store itself. (Bytes are bounded by the frame layer.)
 MAX_REFS_PER_MESSAGE = 65536
+# Names one REFS_WATCH may list (nil watches every ref): ~200 KiB of names
+# at most, one frame's worth at the default frame size.
+MAX_WATCH_NAMES = 1024
 ID_BYTES = 32
 
 
@@ -63,6 +66,7 @@ class MessageType(enum.IntEnum):
     STATUS_REQUEST = 0x05
     REF_SET = 0x06
     REFS_REQUEST = 0x07
+    REFS_WATCH = 0x08
     # sync, both ways
     HELLO = 0x10
     ROOT = 0x11
@@ -81,6 +85,7 @@ class MessageType(enum.IntEnum):
     ACK = 0x85
     STATUS_RESPONSE = 0x86
     REFS_RESPONSE = 0x87
+    REF_CHANGED = 0x88
     ERROR = 0xFF
 
 
@@ -125,6 +130,18 @@ def _optional_finite(_inst: object, attr: attrs.Attribute, value: float | None) 
 def _optional_id(_inst: object, attr: attrs.Attribute, value: bytes | None) -> None:
     if value is not None:
         _id(_inst, attr, value)
+
+
+def _names(limit: int):
+    def check(inst: object, attr: attrs.Attribute, value: tuple[str, ...] | None) -> None:
+        if value is None:
+            return
+        _max_len(limit)(inst, attr, value)
+        for item in value:
+            if len(item) > MAX_REF_NAME_BYTES:
+                raise ValueError(f"{attr.name}: a name of {len(item)} characters, the limit is {MAX_REF_NAME_BYTES}")
+
+    return check
 
 
 def _positive(_inst: object, attr: attrs.Attribute, value: int) -> None:
@@ -381,10 +398,37 @@ class RefsResponse:
     refs: tuple[dict[str, Any], ...] = attrs.field(validator=_max_len(MAX_REFS_PER_MESSAGE))
 
 
+@_frozen
+class RefsWatch:
+    """Watch refs `names` (nil: every ref). Answered on its stream by a
+    REFS_RESPONSE (the watched refs that exist now, the watch's starting
+    point), then one REF_CHANGED per change, until the client abandons the
+    stream (ERROR NO_ERROR) or leaves."""
+
+    TYPE: ClassVar = MessageType.REFS_WATCH
+    names: tuple[str, ...] | None = attrs.field(default=None, validator=_names(MAX_WATCH_NAMES))
+
+
+@_frozen
+class RefChanged:
+    """The value of a watched ref changed: `old` is the target the watcher
+    was last told (nil: the ref did not exist), `new` the target now (nil:
+    deleted); `conflict` and `candidates` as in a ref's value. A control
+    message: changes are coalesced per name by the sender (section 4)."""
+
+    TYPE: ClassVar = MessageType.REF_CHANGED
+    name: str = attrs.field(validator=_max_len(MAX_REF_NAME_BYTES))
+    old: bytes | None = attrs.field(validator=_optional_id)
+    new: bytes | None = attrs.field(validator=_optional_id)
+    conflict: bool = False
+    candidates: tuple[bytes, ...] = attrs.field(default=(), validator=_ids(MAX_IDS_PER_MESSAGE))
+
+
 Message = (
     Hello | Root | Credit | Ping | Pong | Goodbye | Error | Reconcile | Want | Objects | Ack
     | PushContext | ExpandRequest | ExpandResponse | StreamRequest | StreamChunk | StreamEnd
     | QueryRequest | QueryResponse | StatusRequest | StatusResponse | RefSet | RefsRequest | RefsResponse
+    | RefsWatch | RefChanged
 )
 
 MESSAGE_CLASSES: dict[MessageType, type] = {cls.TYPE: cls for cls in Message.__args__}

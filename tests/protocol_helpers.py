@@ -38,9 +38,11 @@ from sync.messages import (
     Root,
     StatusRequest,
     StatusResponse,
+    RefChanged,
     RefSet,
     RefsRequest,
     RefsResponse,
+    RefsWatch,
     StreamChunk,
     StreamEnd,
     StreamRequest,
@@ -256,6 +258,11 @@ MESSAGE_STRATEGIES = {
     MessageType.REF_SET: st.builds(RefSet, name=st.text(max_size=200), target=_optional(ids)),
     MessageType.REFS_REQUEST: st.builds(RefsRequest, name=_optional(st.text(max_size=200)), log=st.booleans()),
     MessageType.REFS_RESPONSE: st.builds(RefsResponse, refs=_tuples(json_maps, 4)),
+    MessageType.REFS_WATCH: st.builds(RefsWatch, names=_optional(_tuples(st.text(max_size=200), 4))),
+    MessageType.REF_CHANGED: st.builds(
+        RefChanged, name=st.text(max_size=200), old=_optional(ids), new=_optional(ids), conflict=st.booleans(),
+        candidates=_tuples(ids, 4),
+    ),
 }
 
 any_message = st.one_of(*MESSAGE_STRATEGIES.values())

@@ -95,11 +95,14 @@ class FakeNode:
 
     def status(self) -> dict:
         return {
-            "schema": 1,
+            "schema": 2,
             "node_id": self.node_id,
             "listen": "127.0.0.1:7787",
             "root": merkle_root([bytes.fromhex(i) for i in sorted(self.store.ids())]).hex(),
             "objects": self._objects,
+            "store_error": None,
+            "refs": 0,
+            "conflicts": [],
             "peers": [
                 {
                     "node_id": PEER_ID,
@@ -247,7 +250,7 @@ async def test_stream_round_trip_matches_local_stream(server, node, paths):
         async with LocalClient.connect(paths) as client:
             chunks = [c async for c in client.expand_stream(CHILD.id, chunk_size=2, relevance_threshold=0.3)]
             # The connection is still usable after a finished stream.
-            assert (await client.status())["schema"] == 1
+            assert (await client.status())["schema"] == 2
     local = list(stream_expansion(node.store, CHILD.id, chunk_size=2, relevance_threshold=0.3))
     assert [c.atoms for c in chunks] == [c.atoms for c in local]
     assert [(c.chunk_id, c.is_final, c.cumulative_tokens, c.progress) for c in chunks] == [
@@ -485,7 +488,7 @@ async def test_too_many_requests_at_once_are_refused_not_queued(server, node, pa
                 await s.aclose()
             while server.statistics().clients[0].requests:
                 await trio.sleep(0.01)
-            assert (await client.status())["schema"] == 1
+            assert (await client.status())["schema"] == 2
 
 
 # --------------------------------------------------------------------------
@@ -613,7 +616,7 @@ async def test_protocol_error_after_hello_gets_an_error_then_close(server, node,
             event = await raw3.event()
             assert event.message.code == ErrorCode.PROTOCOL_ERROR and "already" in event.message.message
             assert await raw3.read_all() == b""
-            assert (await good.status())["schema"] == 1
+            assert (await good.status())["schema"] == 2
 
 
 async def test_silent_client_is_dropped_after_the_hello_timeout(server, paths, autojump_clock):
@@ -807,7 +810,7 @@ async def test_push_and_stream_at_once_on_one_client_do_not_deadlock(server, nod
 
 
 async def test_a_status_that_cannot_be_encoded_is_an_internal_error_not_a_crash(server, node, paths, monkeypatch):
-    monkeypatch.setattr(node, "status", lambda: {"schema": 1, "bad": float("nan")})
+    monkeypatch.setattr(node, "status", lambda: {"schema": 2, "bad": float("nan")})
     with trio.fail_after(GUARD):
         async with LocalClient.connect(paths) as client:
             with pytest.raises(LocalApiError) as info:

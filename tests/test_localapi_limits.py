@@ -125,8 +125,8 @@ async def test_clients_over_the_limit_are_told_and_closed(node, paths, nursery):
                 async with LocalClient.connect(paths) as third:
                     await third.status()
             assert refused.value.code == ErrorCode.LIMIT_EXCEEDED and "at most 2 local clients" in str(refused.value)
-            assert (await first.status())["schema"] == (await second.status())["schema"] == 1
+            assert (await first.status())["schema"] == (await second.status())["schema"] == 2
         while srv.statistics().clients_connected:
             await trio.sleep(0.01)
         async with LocalClient.connect(paths) as later:  # places free again
-            assert (await later.status())["schema"] == 1
+            assert (await later.status())["schema"] == 2

@@ -23,6 +23,7 @@ from sync.messages import (
     MAX_OBJECTS_PER_MESSAGE,
     MAX_REASON_LENGTH,
     MAX_REFS_PER_MESSAGE,
+    MAX_WATCH_NAMES,
     MAX_VERSIONS,
     MESSAGE_CLASSES,
     Ack,
@@ -40,9 +41,11 @@ from sync.messages import (
     QueryRequest,
     QueryResponse,
     Reconcile,
+    RefChanged,
     RefSet,
     RefsRequest,
     RefsResponse,
+    RefsWatch,
     Root,
     StatusRequest,
     StatusResponse,
@@ -88,13 +91,15 @@ EXAMPLES = {
     ),
     MessageType.QUERY_RESPONSE: QueryResponse(atoms=(ATOM, ATOM)),
     MessageType.STATUS_REQUEST: StatusRequest(),
-    MessageType.STATUS_RESPONSE: StatusResponse(status={"schema": 1, "peers": [{"id": "ab", "ok": True}]}),
+    MessageType.STATUS_RESPONSE: StatusResponse(status={"schema": 2, "peers": [{"id": "ab", "ok": True}]}),
     MessageType.ERROR: Error(code=int(ErrorCode.NOT_FOUND), message="no such context"),
     MessageType.REF_SET: RefSet(name="projects/x", target=ID1),
     MessageType.REFS_REQUEST: RefsRequest(name="main", log=True),
     MessageType.REFS_RESPONSE: RefsResponse(
         refs=({"name": "main", "target": "01" * 32, "conflict": False, "candidates": ["01" * 32]},)
     ),
+    MessageType.REFS_WATCH: RefsWatch(names=("main", "projects/x")),
+    MessageType.REF_CHANGED: RefChanged(name="main", old=ID1, new=ID2, conflict=True, candidates=(ID1, ID2)),
 }
 
 
@@ -283,6 +288,8 @@ ID_FIELDS = [
     (MessageType.EXPAND_RESPONSE, "expansion_path", True), (MessageType.EXPAND_RESPONSE, "atom_root", False),
     (MessageType.STREAM_REQUEST, "id", False), (MessageType.QUERY_REQUEST, "id", False),
     (MessageType.REF_SET, "target", False),
+    (MessageType.REF_CHANGED, "old", False), (MessageType.REF_CHANGED, "new", False),
+    (MessageType.REF_CHANGED, "candidates", True),
 ]
 
 
@@ -308,6 +315,8 @@ def test_ids_of_the_wrong_length_are_decode_errors(msg_type, name, many, length)
         (MessageType.REF_SET, ("name",), "n", 200),
         (MessageType.REFS_REQUEST, ("name",), "n", 200),
         (MessageType.REFS_RESPONSE, ("refs",), {}, MAX_REFS_PER_MESSAGE),
+        (MessageType.REF_CHANGED, ("name",), "n", 200),
+        (MessageType.REF_CHANGED, ("candidates",), ID1, MAX_IDS_PER_MESSAGE),
     ],
     ids=lambda v: getattr(v, "name", None) or (v[0] if isinstance(v, tuple) else None),
 )
@@ -320,6 +329,15 @@ def test_collections_over_their_limits_are_decode_errors(msg_type, names, item, 
             decode_payload(msg_type, pack(raw))  # at the limit: fine
         else:
             assert_decode_error(msg_type, raw)
+
+
+def test_refs_watch_names_are_bounded_in_count_and_length():
+    decode_payload(MessageType.REFS_WATCH, pack({"names": ["main"] * MAX_WATCH_NAMES}))
+    assert decode_payload(MessageType.REFS_WATCH, pack({"names": None})) == RefsWatch()
+    assert_decode_error(MessageType.REFS_WATCH, {"names": ["main"] * (MAX_WATCH_NAMES + 1)})
+    decode_payload(MessageType.REFS_WATCH, pack({"names": ["n" * 200]}))
+    assert_decode_error(MessageType.REFS_WATCH, {"names": ["n" * 201]})
+    assert_decode_error(MessageType.REFS_WATCH, {"names": "main"})  # an array, not a string
 
 
 NON_FINITE = [math.nan, math.inf, -math.inf]

@@ -130,7 +130,8 @@ def test_a_push_on_a_reaches_the_end_of_a_three_node_chain(cluster: Cluster):
     statuses = wait_converged([a, b, c], peers={a: 1, b: 2, c: 1})
     node_ids = {d: s["node_id"] for d, s in zip([a, b, c], statuses)}
     for daemon, status in zip([a, b, c], statuses):
-        assert status["schema"] == 1
+        assert status["schema"] == 2
+        assert status["refs"] == 0 and status["conflicts"] == []
         assert status["objects"] == 1
         assert status["root"] == statuses[0]["root"]
         assert status["listen"] == daemon.listen
@@ -152,7 +153,7 @@ def test_a_push_on_a_reaches_the_end_of_a_three_node_chain(cluster: Cluster):
     assert [atom["hash"] for atom in expanded["atoms"]] == [
         a.content_hash for a in sorted(ctx.delta_atoms, key=lambda x: -x.relevance_score)
     ]
-    assert c.ctxfs("heads").stdout.split() == [cid]
+    assert c.ctxfs("heads", "--ids").stdout.split() == [cid]
 
 
 # --------------------------------------------------------------------------
@@ -189,8 +190,8 @@ def test_a_killed_node_catches_up_after_restart(cluster: Cluster, victim: str):
         b.restart(peers=[a.listen])
     statuses = wait_converged([a, b], peers={a: 1, b: 1})
     assert statuses[0]["objects"] == 4
-    assert b.ctxfs("log", missed[1].id).stdout.split() == [first, missed[0].id, missed[1].id]
-    assert sorted(dead.ctxfs("heads").stdout.split()) == sorted([missed[1].id, missed[2].id])
+    assert b.ctxfs("log", "--ids", missed[1].id).stdout.split() == [first, missed[0].id, missed[1].id]
+    assert sorted(dead.ctxfs("heads", "--ids").stdout.split()) == sorted([missed[1].id, missed[2].id])
 
     for daemon in (a, b):
         assert daemon.stop(STOP_BOUND) == 0, daemon.stderr()
@@ -260,7 +261,7 @@ def test_kill_9_during_sync_loses_nothing_and_sync_resumes(cluster: Cluster, tmp
     # every lineage; here one, through `log`).
     deepest = max((i for i, c in enumerate(contexts) if c.id in held and c.base_hash), default=None)
     if deepest is not None:
-        lineage = b.ctxfs("log", contexts[deepest].id).stdout.split()
+        lineage = b.ctxfs("log", "--ids", contexts[deepest].id).stdout.split()
         assert lineage[-1] == contexts[deepest].id and set(lineage) <= held
 
     # Sync resumes where it stopped.

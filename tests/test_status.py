@@ -17,11 +17,14 @@ OTHER_ROOT = "34" * 32
 
 def doc(*peers: dict, **fields) -> dict:
     base = {
-        "schema": 1,
+        "schema": 2,
         "node_id": NODE_ID,
         "listen": "0.0.0.0:7787",
         "root": ROOT_HEX,
         "objects": 123,
+        "store_error": None,
+        "refs": 0,
+        "conflicts": [],
         "peers": list(peers),
     }
     base.update(fields)
@@ -101,8 +104,8 @@ def test_long_errors_are_cut_to_one_line():
 
 
 def test_odd_or_missing_fields_render_without_failing():
-    text = format_status({"schema": 2, "peers": [{"node_id": None}, "not a peer"]})
-    assert "status schema 2" in text
+    text = format_status({"schema": 3, "peers": [{"node_id": None}, "not a peer"]})
+    assert "status schema 3" in text
     assert "?" in text
     assert len(text.splitlines()) >= 6
     assert format_status({}).splitlines()[0].startswith("node")
@@ -150,7 +153,7 @@ def test_status_json_is_the_daemons_document(home, run):
     assert (code, err) == (0, "")
     assert len(out.splitlines()) == 1
     assert json.loads(out) == expected
-    assert json.loads(out)["schema"] == 1
+    assert json.loads(out)["schema"] == 2
 
 
 def test_status_table_through_the_daemon(home, run):
@@ -176,15 +179,27 @@ def test_status_watch_refreshes_until_ctrl_c(home, run, monkeypatch):
     with DaemonThread(home):
         code, out, err = run(home, "status", "--watch")
     assert (code, err) == (0, "")
-    assert len(shown) == 3 and all(s["schema"] == 1 for s in shown)
+    assert len(shown) == 3 and all(s["schema"] == 2 for s in shown)
     # Not a terminal: no escape codes, refreshes separated by a blank line.
     assert out == "screen 1\n\nscreen 2\n"
     assert cli.CLEAR_SCREEN not in out
 
 
 def test_status_module_constants():
-    assert status_module.SCHEMA == 1
+    assert status_module.SCHEMA == 2
     assert status_module.short_id(NODE_ID) == NODE_ID[:12]
+
+
+def test_refs_line_shows_the_count_and_the_names_in_conflict():
+    assert "refs     0" in format_status(doc(refs=0, conflicts=[])).splitlines()
+    assert "refs     3" in format_status(doc(refs=3, conflicts=[])).splitlines()
+    assert "refs     3 (1 in conflict: main)" in format_status(doc(refs=3, conflicts=["main"])).splitlines()
+    many = format_status(doc(refs=9, conflicts=["a", "b", "c", "d", "e"])).splitlines()
+    assert "refs     9 (5 in conflict: a, b, c, …)" in many
+    # A schema-1 document has no refs: no line, and no note for it either.
+    schema_1 = {k: v for k, v in doc(schema=1).items() if k not in ("refs", "conflicts")}
+    assert not any(line.startswith("refs") for line in format_status(schema_1).splitlines())
+    assert "refs     ? (1 in conflict: ?)" in format_status(doc(refs="x", conflicts=[None])).splitlines()
 
 
 def test_one_object_is_singular():
