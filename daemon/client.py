@@ -263,6 +263,13 @@ class LocalClient(_Endpoint):
         inbox = self._inboxes[stream_id] = _Inbox()
         return stream_id, inbox
 
+    async def abandon(self, stream_id: int, reason: str) -> None:
+        """Tell the daemon we gave up on a stream (ERROR NO_ERROR on it):
+        shielded, within CLOSE_TIMEOUT, and silent if the connection is gone."""
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            with contextlib.suppress(LocalApiError, trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.send(Error(code=int(ErrorCode.NO_ERROR), message=reason), stream_id)
+
     def _forget(self, stream_id: int) -> None:
         self._inboxes.pop(stream_id, None)
         self.conn.close_stream(stream_id)
@@ -452,9 +459,7 @@ class ChunkStream:
             return
         client = self._client
         try:
-            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                with contextlib.suppress(LocalApiError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    await client.send(Error(code=int(ErrorCode.NO_ERROR), message="cancelled"), self._stream_id)
+            await client.abandon(self._stream_id, "cancelled")
         finally:
             # Chunks already here are released now (no await between the
             # count and the close); those still on their way are dropped
@@ -603,8 +608,6 @@ class RefWatch:
             return
         client = self._client
         try:
-            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                with contextlib.suppress(LocalApiError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    await client.send(Error(code=int(ErrorCode.NO_ERROR), message="watch ended"), self._stream_id)
+            await client.abandon(self._stream_id, "watch ended")
         finally:
             client._forget(self._stream_id)
