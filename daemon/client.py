@@ -45,7 +45,7 @@ from sync.messages import (
     encode_payload,
     make_hello,
 )
-from sync.model import MemoryAtom, TypeSignature, check_id
+from sync.model import MemoryAtom, TypeSignature, check_id, is_id
 from sync.refs import check_ref_name
 
 from daemon.endpoint import (
@@ -308,8 +308,17 @@ class LocalClient(_Endpoint):
             ids.append(context.id)
         return ids
 
+    async def context_id(self, id_or_ref: str) -> bytes:
+        """A context id: 64 hex digits are one; anything else names a ref,
+        whose value (its documented winner, if in conflict) is asked of the
+        daemon. NOT_FOUND if no such ref; a bad name is BAD_REQUEST."""
+        if is_id(id_or_ref):
+            return bytes.fromhex(id_or_ref)
+        return bytes.fromhex((await self.ref(id_or_ref))["target"])
+
     async def expand(self, context_id: str, *, min_relevance: float = 0.0, max_tokens: int | None = None) -> ExpandResponse:
-        request = ExpandRequest(id=bytes.fromhex(check_id(context_id, "context id")), min_relevance=min_relevance, max_tokens=max_tokens)
+        """The expansion of a context, by id or ref name."""
+        request = ExpandRequest(id=await self.context_id(context_id), min_relevance=min_relevance, max_tokens=max_tokens)
         response = await self._call(request, ExpandResponse)
         if atom_root(response.atoms) != response.atom_root:
             raise LocalApiError(ErrorCode.INVALID_OBJECT, "the expansion does not match its atom_root")
@@ -330,12 +339,12 @@ class LocalClient(_Endpoint):
         use `async with` (or call aclose()) so the daemon stops producing.
         """
         request = StreamRequest(
-            id=bytes.fromhex(check_id(context_id, "context id")),
+            id=bytes(32),  # a placeholder: the id (or the ref's value) is resolved when the stream starts
             relevance_threshold=relevance_threshold,
             chunk_size=chunk_size,
             max_tokens_per_chunk=max_tokens_per_chunk,
         )
-        return ChunkStream(self, request)
+        return ChunkStream(self, request, context_id)
 
     async def query(
         self,
@@ -347,7 +356,7 @@ class LocalClient(_Endpoint):
         limit: int | None = None,
     ) -> list[MemoryAtom]:
         request = QueryRequest(
-            id=bytes.fromhex(check_id(context_id, "context id")),
+            id=await self.context_id(context_id),
             type_filter=type_filter,
             min_relevance=min_relevance,
             max_age_seconds=max_age_seconds,
@@ -412,9 +421,10 @@ class LocalClient(_Endpoint):
 class ChunkStream:
     """An async iterator of StreamChunk; also an async context manager."""
 
-    def __init__(self, client: LocalClient, request: StreamRequest) -> None:
+    def __init__(self, client: LocalClient, request: StreamRequest, target: str) -> None:
         self._client = client
         self._request = request
+        self._target = target  # an id or a ref name, resolved at the first chunk
         self._stream_id: int | None = None
         self._inbox: _Inbox | None = None
         self._held = 0  # bytes of the chunk the consumer holds, not yet released
@@ -434,8 +444,9 @@ class ChunkStream:
             raise StopAsyncIteration
         client = self._client
         if self._stream_id is None:
+            request = attrs.evolve(self._request, id=await client.context_id(self._target))
             self._stream_id, self._inbox = client._open()
-            await client.send(self._request, self._stream_id)
+            await client.send(request, self._stream_id)
         if self._held:
             held, self._held = self._held, 0
             await client.release(self._stream_id, held)

@@ -25,6 +25,27 @@ from sync.messages import Ack, RefSet, RefsRequest, RefsResponse
 GUARD = 30  # a safety net against a hung test, not a timing assertion
 
 
+async def test_the_client_takes_a_ref_name_wherever_it_takes_an_id(tmp_path):
+    async with trio.open_nursery() as nursery:
+        node = await start_node(nursery, tmp_path, "a")
+        first = context("the value of main")
+        await node.add_contexts([first])
+        await node.set_ref("main", first.id)
+        with trio.fail_after(GUARD):
+            async with LocalClient.connect(node.paths) as client:
+                assert await client.context_id("main") == bytes.fromhex(first.id)
+                by_name, by_id = await client.expand("main"), await client.expand(first.id)
+                assert by_name == by_id and by_name.atoms[0].content == "the value of main"
+                assert await client.query("main") == list(by_id.atoms)
+                assert [c.atoms async for c in client.expand_stream("main")] == [by_id.atoms]
+                with pytest.raises(LocalApiError) as info:
+                    await client.expand("nope")
+                assert info.value.code is ErrorCode.NOT_FOUND
+                with pytest.raises(ValueError):
+                    await client.expand("a/../b")  # neither an id nor a valid ref name
+        nursery.cancel_scope.cancel()
+
+
 async def test_ref_round_trip_through_the_local_api(tmp_path):
     async with trio.open_nursery() as nursery:
         node = await start_node(nursery, tmp_path, "a")
