@@ -182,13 +182,23 @@ def push_to_ref(home: HomePaths, store: SQLiteContextStore, contexts: list[Compr
     name = ref_name(name)
     last = contexts[-1].id
     value = store.ref_value(name)
-    if value is not None:
-        warn_if_conflict(value)
-        if not force and not _builds_on(store, contexts, value.target):
+    if value is not None and not force:
+        # Every candidate, not just the winner: moving a ref in conflict
+        # past one side would silently drop it.
+        behind = [c for c in value.candidates if not _builds_on(store, contexts, c)]
+        if behind and value.conflict:
+            raise CliError(
+                f"push refused: ref {name} is in conflict and {last[:12]} does not build on its candidate "
+                f"{behind[0]}; reunite the candidates first (`ctxfs merge A B --ref {name}`, ids from "
+                f"`ctxfs ref show {name}`), or use --force"
+            )
+        if behind:
             raise CliError(
                 f"push refused: {last} does not build on {value.target}, the target of ref {name} "
                 "(not a fast-forward); push on top of it, or use --force"
             )
+    if value is not None:
+        warn_if_conflict(value)
     ids = _push_via_daemon(home, store, contexts, ref=name)
     if ids is None:
         blobs = [encode_context(ctx) for ctx in contexts]

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sync.codec import DecodeError, timestamp_us, unpack_bounded
-from sync.model import check_id
+from sync.model import check_id, is_id
 
 __all__ = [
     "MAX_REF_NAME_BYTES",
@@ -164,6 +164,10 @@ def check_ref_name(name: object) -> str:
         raise ValueError(f"{shown}: must not start or end with '/' or contain '//'")
     if any(part in (".", "..") for part in name.split("/")):
         raise ValueError(f"{shown}: '.' and '..' are not allowed as components")
+    if is_id(name.lower()):
+        # Everywhere a name is read, 64 hex digits are a context id: such a
+        # ref could never be read back by its name.
+        raise ValueError(f"{shown}: 64 hex characters always read as a context id; choose another name")
     return name
 
 

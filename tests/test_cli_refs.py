@@ -149,6 +149,14 @@ def test_conflict_is_shown_and_commands_warn_on_stderr(rich, run):
     assert_one_line_error(result.err, "conflict", ROOT.id, CHILD.id, "ctxfs ref set main ID")
     assert "warning" in result.err
 
+    # push --ref past one side of a conflict would drop the other: refused.
+    on_root = ctx(ROOT.id, atom("Beside the child", 0.4))
+    before = all_rows(rich)
+    refused = run(rich, "push", "--ref", "main", str(write(rich.parent / "beside.jsonl", jsonl(on_root))))
+    assert refused.code == 1 and refused.out == "" and all_rows(rich) == before
+    assert_one_line_error(refused.err, "in conflict", CHILD.id, "ctxfs merge")
+    assert show(run, rich)["conflict"] is True
+
     # A new set supersedes both: resolved.
     assert run(rich, "ref", "set", "main", ROOT.id).code == 0
     ref = show(run, rich)
