@@ -59,8 +59,9 @@ class NodeConfig:
     # Reconnect backoff for static peers: doubling from min to max, jittered.
     reconnect_min_seconds: float = 0.5
     reconnect_max_seconds: float = 30.0
-    # Inbound peer connections at once (TLS handshakes included); more are
-    # told LIMIT_EXCEEDED and closed. Each may pin our receive window plus
+    # Inbound member sessions at once (counted once TLS has proved a member;
+    # handshakes have their own bounds in daemon/node.py); more are told
+    # LIMIT_EXCEEDED and closed. Each may pin our receive window plus
     # sync.connection.MAX_CONTROL_BUFFERED (~36 MiB), so this bounds what
     # members can make us hold. 64 covers a 64-host lab dialling all to all.
     max_inbound_peers: int = 64

@@ -9,6 +9,7 @@ alike, so the root commits to both and a ref update syncs like a context.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import random
@@ -47,6 +48,11 @@ MAX_DISCONNECTED_INBOUND = 16
 # store is probed again: peers' data is refused at once meanwhile, and the
 # disk is not hammered with writes that cannot succeed.
 STORE_RETRY_SECONDS = 5.0
+# Inbound TLS handshakes under way at once, in all and from one source
+# address. Each holds a task and a little TLS state for at most the HELLO
+# timeout; members from other addresses always find room.
+MAX_HANDSHAKES = 128
+MAX_HANDSHAKES_PER_HOST = 16
 # How long stored ids may wait for running reconciliations before entering
 # the in-memory set (and the root) anyway.
 MAX_INDEX_DELAY = 2.0
@@ -100,7 +106,8 @@ class Node:
         self._ref_writes = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._dialing: set[str] = set()  # addresses a dial loop runs for
-        self._inbound = 0  # inbound connections now, TLS handshakes included
+        self._inbound = 0  # inbound member sessions now (TLS done)
+        self._handshakes: collections.Counter[str] = collections.Counter()  # TLS handshakes by source host
         # Why the store cannot be written now (status shows it), else None.
         self.store_error: str | None = None
         self._store_retry_at = 0.0
@@ -415,20 +422,32 @@ class Node:
         except OSError:
             return
         address = format_address(host, port)
-        over_limit = self._inbound >= self.config.max_inbound_peers
+        # Before TLS nobody is known: handshakes have their own bounds (in
+        # all, and per source address), so strangers holding connections
+        # open cannot take the places of members.
+        if sum(self._handshakes.values()) >= MAX_HANDSHAKES or self._handshakes[host] >= MAX_HANDSHAKES_PER_HOST:
+            _refusals.warning(f"handshakes:{host}", "refused %s: too many TLS handshakes under way", address)
+            await trio.aclose_forcefully(stream)
+            return
+        self._handshakes[host] += 1
+        try:
+            with trio.fail_after(self.config.hello_timeout_seconds):
+                secure = await tls.wrap_server(stream, self._server_tls)
+        except tls.NotAMember as exc:
+            _refusals.warning(host, "refused %s: %s", address, exc.message)
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
+            return
+        finally:
+            self._handshakes[host] -= 1
+            if not self._handshakes[host]:
+                del self._handshakes[host]
+        # A proven member: only now does it count against max_inbound_peers.
+        if self._inbound >= self.config.max_inbound_peers:
+            await self._refuse(secure, address)
+            return
         self._inbound += 1
         try:
-            try:
-                with trio.fail_after(self.config.hello_timeout_seconds):
-                    secure = await tls.wrap_server(stream, self._server_tls)
-                    if over_limit:
-                        await self._refuse(secure, address)
-                        return
-            except tls.NotAMember as exc:
-                _refusals.warning(host, "refused %s: %s", address, exc.message)
-                return
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
-                return
             info = PeerInfo(address=address, source="inbound")
             await run_session(self, secure, info, dialer=False)
         finally:
