@@ -224,3 +224,39 @@ async def test_a_frame_that_breaks_the_protocol_gets_a_declared_error_then_close
         errors = [e.message for e in events if hasattr(e, "message") and isinstance(e.message, Error)]
         assert errors and errors[-1].code == ErrorCode.UNKNOWN_MESSAGE
         nursery.cancel_scope.cancel()
+
+
+async def test_strangers_holding_connections_do_not_take_members_places(tmp_path, monkeypatch):
+    """max_inbound_peers once counted TCP connections before TLS: strangers
+    with no key, connecting and saying nothing, locked every member out."""
+    from daemon import node as node_module
+
+    monkeypatch.setattr(node_module, "MAX_HANDSHAKES_PER_HOST", 64)  # all of them come from 127.0.0.1 here
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, tmp_path, "a", max_inbound_peers=2)
+        strangers = [await trio.open_tcp_stream(*a.listen_address) for _ in range(20)]
+        member = await HostileMember.connect(a.listen_address, tmp_path, "member", root=a.root())
+        with trio.fail_after(BOUND):
+            while not a.sessions:
+                await trio.sleep(0.01)
+        assert member.conn.peer_hello is not None and len(a.sessions) == 1
+        await member.aclose()
+        for stream in strangers:
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_handshakes_from_one_address_are_bounded(tmp_path, monkeypatch):
+    from daemon import node as node_module
+
+    monkeypatch.setattr(node_module, "MAX_HANDSHAKES_PER_HOST", 4)
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, tmp_path, "a")
+        held = [await trio.open_tcp_stream(*a.listen_address) for _ in range(4)]
+        await trio.sleep(0.2)  # the node has accepted them and is waiting for their TLS
+        extra = await trio.open_tcp_stream(*a.listen_address)
+        with trio.fail_after(BOUND):
+            assert await extra.receive_some(100) == b""  # closed at once, no TLS spent on it
+        for stream in held + [extra]:
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
