@@ -229,11 +229,23 @@ class Attack:
             "healthy_lag_s_max": round(max(self.lags, default=0.0), 2),
             "healthy_lost": lost,
             "daemon_exits": 0 if fsck is not None else 1,
+            "internal_errors": self.internal_errors(),
             "fsck": "ok" if fsck == 0 else f"exit {fsck}",
         }
 
+    def internal_errors(self) -> int:
+        """Sessions the daemon ended by an internal error (its bug, not the
+        attacker's fault): each is a failure of the part, even if logged
+        and survived. Read from every log file the daemon wrote."""
+        count = 0
+        for path in sorted(self.daemon.log_dir.glob(f"{self.daemon.name}.*.log")):
+            text = path.read_text(errors="replace")
+            count += text.count("internal error") + text.count("Traceback")
+        return count
+
     def held(self, *, fsck: int | None, lost: int, rss_bound_mb: float, frames_wanted: int) -> bool:
         """Every promise of a hostile part: no exit, fsck, only declared
-        replies, nothing lost, RSS under the bound, every frame sent."""
-        return (fsck == 0 and self.replies.undeclared == 0 and lost == 0
+        replies, no internal error, nothing lost, RSS under the bound, every
+        frame sent."""
+        return (fsck == 0 and self.replies.undeclared == 0 and lost == 0 and self.internal_errors() == 0
                 and self.rss.max_mb < rss_bound_mb and self.frames >= frames_wanted)
