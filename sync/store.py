@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from sync import refstore
+from sync import fulltext, refstore
 from sync.codec import MAX_CONTEXT_BYTES, DecodeError, bytes_id, decode_context, encode_context
 from sync.model import CompressedContext, check_id
 from sync.refs import RefTable, RefUpdate, RefValue, decode_update, encode_update, is_ref_update_bytes, verify_update
@@ -342,6 +342,10 @@ class SQLiteContextStore:
             row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                # A new store gets its (empty) full-text index now, and keeps
+                # it current on every put; an older store builds it on first
+                # use. Derived tables, not schema: no version bump.
+                fulltext.rebuild(self._db)
             elif row[0] == "1":
                 self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
             elif row[0] != str(SCHEMA_VERSION):
@@ -413,7 +417,10 @@ class SQLiteContextStore:
             rows.append((bytes.fromhex(cid), None if ctx.base_hash is None else bytes.fromhex(ctx.base_hash), depth, data))
         # One statement for the batch: a row-at-a-time loop hands the GIL
         # back and forth with the event loop thread once per context.
-        self._db.executemany("INSERT OR IGNORE INTO contexts VALUES (?, ?, ?, ?)", rows)
+        stored = self._db.executemany("INSERT OR IGNORE INTO contexts VALUES (?, ?, ?, ?)", rows).rowcount
+        # The derived full-text index, in this same transaction: every put
+        # path (a peer's OBJECTS too) comes here, so a current index stays so.
+        fulltext.added(self._db, [ctx for _cid, ctx, _data in batch], stored)
 
     def _depth(self, context_id: str) -> int:
         row = self._db.execute("SELECT depth FROM contexts WHERE id = ?", (bytes.fromhex(context_id),)).fetchone()
@@ -574,6 +581,37 @@ class SQLiteContextStore:
         with self._lock:
             return self._refs.log(name)
 
+    # ---------------------------------------------- the full-text index (derived)
+
+    def text_ranks(self, text: str) -> dict[str, float] | None:
+        """Atom id -> FTS5 rank (lower is better) of every stored atom that
+        matches `text` (sync/fulltext.py), rebuilding the index first if it
+        is missing or stale; None if it is not current and the store cannot
+        be written now (the caller searches the expansion alone)."""
+        with self._lock:
+            if fulltext.state(self._db) != fulltext.CURRENT:
+                try:
+                    self.rebuild_text_index(only_if_needed=True)
+                except StoreUnavailable:
+                    return None
+            return fulltext.search(self._db, text)
+
+    def rebuild_text_index(self, *, only_if_needed: bool = False) -> int | None:
+        """Build the full-text index again from every stored context; the
+        number of distinct atoms indexed (None: it was current, and
+        `only_if_needed`)."""
+        with self._transaction():
+            # Re-checked inside the write lock: two threads or processes
+            # finding it stale rebuild it once.
+            if only_if_needed and fulltext.state(self._db) == fulltext.CURRENT:
+                return None
+            return fulltext.rebuild(self._db)
+
+    def text_index_state(self) -> str:
+        """fulltext.CURRENT, MISSING or STALE."""
+        with self._lock:
+            return fulltext.state(self._db)
+
     def __len__(self) -> int:
         """Objects held: contexts and ref updates (as many as `ids()` yields)."""
         with self._lock:
@@ -593,6 +631,7 @@ class SQLiteContextStore:
         if result != [("ok",)]:
             for (line,) in result:
                 yield f"sqlite: {line}"
+        index_current = self.text_index_state() == fulltext.CURRENT
         after = b""
         while True:
             with self._lock:
@@ -619,6 +658,8 @@ class SQLiteContextStore:
                     yield f"{cid}: base {base.hex()} is missing"
                 elif depth != (0 if base is None else base_depth + 1):
                     yield f"{cid}: depth {depth} is wrong"
+                elif index_current and (problem := fulltext.fsck_context(self._read, cid, ctx)):
+                    yield problem  # the derived index misses atoms of a sound context
             after = rows[-1][0]
         yield from refstore.sqlite_fsck(self._read, self.has)
 
