@@ -21,6 +21,7 @@ import trio
 from daemon import endpoint, localapi, security
 from daemon.paths import HomePaths, resolve_home
 from daemon.status import format_status
+from sync import fulltext
 from sync.codec import DecodeError, atom_to_json, context_from_json, expanded_to_json
 from sync.errors import ErrorCode
 from sync.expand import ExpanderFunctor, ExpansionChunk, stream_expansion
@@ -366,6 +367,7 @@ def _query_via_daemon(home: HomePaths, cid: str, query: ContextQuery) -> list | 
                 min_relevance=query.min_relevance,
                 max_age_seconds=query.max_age_seconds,
                 limit=query.limit,
+                text=query.text,
             )
         except localapi.LocalApiError as exc:
             if exc.code is ErrorCode.LIMIT_EXCEEDED:
@@ -381,15 +383,20 @@ def cmd_query(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
         type_filter = parse_type(args.type) if args.type is not None else None
     except ValueError as exc:
         raise CliError(f"--type: {exc}") from None
-    query = ContextQuery(
-        type_filter=type_filter, min_relevance=args.min_relevance, max_age_seconds=args.max_age, limit=args.limit
-    )
+    try:
+        query = ContextQuery(
+            type_filter=type_filter, min_relevance=args.min_relevance, max_age_seconds=args.max_age, limit=args.limit,
+            text=args.text,
+        )
+    except ValueError as exc:
+        raise CliError(f"--text: {exc}") from None
     store = _open_store(home)
     try:
         cid = resolve_id(store, args.id)
         hits = _query_via_daemon(home, cid, query)
         if hits is None:
-            hits = query.execute(ExpanderFunctor(store).expand(cid), datetime.now(timezone.utc))
+            now = datetime.now(timezone.utc)
+            hits = fulltext.run_query(store, ExpanderFunctor(store).expand(cid), query, now)
     finally:
         store.close()
     if args.json:
@@ -470,6 +477,21 @@ def cmd_fsck(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
     store = _open_store(home)
     try:
         problems = 0
+        if args.repair:
+            # Derived indexes only: they are rebuilt from the contexts, which
+            # fsck then checks (and never changes).
+            try:
+                atoms = store.rebuild_text_index()
+                print(f"fsck: rebuilt the full-text index ({atoms} atoms)", file=out)
+            except DecodeError as exc:
+                problems += 1
+                print(f"cannot rebuild the full-text index: {exc}", file=out)
+        else:
+            state = store.text_index_state()
+            if state != fulltext.CURRENT:
+                # Not a problem: the first text query builds it.
+                print(f"fsck: note: the full-text index is {state}; the first text query"
+                      " or `ctxfs fsck --repair` rebuilds it", file=out)
         for problem in store.fsck():
             problems += 1
             print(problem, file=out)
@@ -539,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-relevance", type=_non_negative_float, default=0.0, metavar="X")
     p.add_argument("--max-age", type=_non_negative_float, metavar="SECONDS")
     p.add_argument("--limit", type=_positive_int, metavar="N")
+    p.add_argument("--text", metavar="WORDS",
+                   help="keep atoms whose content holds any of WORDS (stemmed), best match first, then most relevant")
     p.add_argument("--json", action="store_true")
     p = add("daemon", cmd_daemon, "run the node in the foreground until SIGINT or SIGTERM")
     p.add_argument("--listen", metavar="HOST:PORT", help="address for peers (default 0.0.0.0:7787; port 0 picks one)")
@@ -551,11 +575,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", cmd_status, "show this node's sync status (needs the daemon)")
     p.add_argument("--json", action="store_true", help="one JSON object (schema 2); with --watch, one line per refresh")
     p.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
-    add("fsck", cmd_fsck, "re-hash every object and check every lineage")
+    p = add("fsck", cmd_fsck, "re-hash every object and check every lineage")
+    p.add_argument("--repair", action="store_true",
+                   help="first rebuild the derived indexes (full-text) from the stored contexts")
     from daemon import cli_history, cli_refs
 
     cli_history.add_parser(sub)  # show, log, heads, merge
     cli_refs.add_parser(sub)
+    from daemon import cli_mcp
+
+    cli_mcp.add_parser(sub)  # mcp
     return parser
 
 

@@ -32,6 +32,7 @@ from sync.messages import (
     PushContext,
     QueryRequest,
     QueryResponse,
+    RefAppend,
     RefChanged,
     RefSet,
     RefsRequest,
@@ -354,13 +355,19 @@ class LocalClient(_Endpoint):
         min_relevance: float = 0.0,
         max_age_seconds: float | None = None,
         limit: int | None = None,
+        text: str | None = None,
     ) -> list[MemoryAtom]:
+        """The ContextQuery over the context's expansion, run by the node.
+        `text`: keep atoms whose content matches any of its words, best text
+        match first, then most relevant (sync/fulltext.py); None or blank:
+        no text filter."""
         request = QueryRequest(
             id=await self.context_id(context_id),
             type_filter=type_filter,
             min_relevance=min_relevance,
             max_age_seconds=max_age_seconds,
             limit=limit,
+            text=text,
         )
         return list((await self._call(request, QueryResponse)).atoms)
 
@@ -379,6 +386,34 @@ class LocalClient(_Endpoint):
         """Delete ref `name`; LocalApiError NOT_FOUND if it does not exist."""
         request = RefSet(name=check_ref_name(name), target=None)
         return [i.hex() for i in (await self._call(request, Ack)).ids]
+
+    async def ref_append(
+        self,
+        name: str,
+        atoms: Sequence[MemoryAtom] = (),
+        removed_hashes: Sequence[str] = (),
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[str, list[str]]:
+        """Append one delta to ref `name` (adding `atoms`, removing atom ids
+        `removed_hashes`) on top of its value, and move the ref: atomic in
+        the daemon, so concurrent appends never lose atoms. Returns (the new
+        context id, the ref update ids). BAD_REQUEST if the ref is in
+        conflict, the delta is empty, or a removed id is not in the ref."""
+        message = RefAppend(
+            name=check_ref_name(name),
+            delta_atoms=tuple(atoms),
+            removed_hashes=tuple(bytes.fromhex(check_id(h, "atom hash")) for h in removed_hashes),
+            metadata=dict(metadata or {}),
+        )
+        stream_id, inbox = self._open()
+        try:
+            await self._sending(self.send_flow([(message, len(encode_payload(message)))], stream_id))
+            ack = _expect(await inbox.get(), Ack)
+        finally:
+            self._forget(stream_id)
+        if not ack.ids:
+            raise LocalApiError(ErrorCode.PROTOCOL_ERROR, "the daemon acknowledged an append without a context id")
+        return ack.ids[0].hex(), [i.hex() for i in ack.ids[1:]]
 
     async def refs(self) -> list[dict]:
         """Every ref that exists, by name: {name, target, conflict, candidates, updated, node_id}."""

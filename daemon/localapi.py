@@ -16,6 +16,9 @@ the client. The server answers on that stream and forgets it:
     REFS_REQUEST    -> REFS_RESPONSE, or ERROR (NOT_FOUND: no such ref)
     REFS_WATCH      -> REFS_RESPONSE (the watched refs now), then REF_CHANGED
                        per change of a watched ref's value, until abandoned
+    REF_APPEND      -> ACK(context id, update ids) once the delta is stored on
+                       the ref's value and the ref moved, atomically; or ERROR
+                       (BAD_REQUEST: bad name, ref in conflict, unknown atom)
     PING -> PONG and GOODBYE -> GOODBYE, on stream 0.
 
 A client abandons a stream by sending ERROR (code NO_ERROR) on it; the
@@ -37,7 +40,7 @@ import trio
 
 from daemon.logs import RateLimitedLog, forget_traceback as _forget_traceback
 from daemon.paths import HomePaths
-from sync import frames
+from sync import frames, fulltext
 from sync.codec import DecodeError, decode_context
 from sync.connection import Connection, ConnectionClosed, Received, State
 from sync.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -62,6 +65,7 @@ from sync.messages import (
     PushContext,
     QueryRequest,
     QueryResponse,
+    RefAppend,
     RefChanged,
     RefSet,
     RefsRequest,
@@ -474,7 +478,7 @@ class _Session(_Endpoint):
     def _admit(self, event: Received) -> None:
         message, stream_id = event.message, event.stream_id
         held = event.size if message.TYPE in FLOW_CONTROLLED else 0
-        if not isinstance(message, PushContext) and type(message) not in _HANDLERS:
+        if not isinstance(message, (PushContext, RefAppend)) and type(message) not in _HANDLERS:
             error = Error(code=int(ErrorCode.BAD_REQUEST), message=f"the local API does not take {message.TYPE.name}")
         elif len(self._requests) >= MAX_REQUESTS_PER_CLIENT:
             error = Error(
@@ -486,7 +490,9 @@ class _Session(_Endpoint):
                 code=int(ErrorCode.LIMIT_EXCEEDED),
                 message=f"more than {MAX_WATCHES_PER_CLIENT} ref watches open; abandon one first",
             )
-        elif isinstance(message, PushContext):
+        elif isinstance(message, (PushContext, RefAppend)):
+            # Writes that carry atoms: committed in arrival order, credit
+            # returned once stored.
             self._requests[stream_id] = _Request()
             self._push_send.send_nowait((stream_id, message, held))
             return
@@ -542,8 +548,12 @@ class _Session(_Endpoint):
             finally:
                 self._requests.pop(stream_id, None)
 
-    async def _commit(self, message: PushContext) -> Ack | Error:
+    async def _commit(self, message: PushContext | RefAppend) -> Ack | Error:
         try:
+            if isinstance(message, RefAppend):
+                context_id, update_ids = await self.node.append_to_ref(
+                    message.name, message.delta_atoms, [h.hex() for h in message.removed_hashes], message.metadata)
+                return Ack(ids=tuple(bytes.fromhex(i) for i in [context_id, *update_ids]))
             data = message.context
             if len(data) > INLINE_DECODE_BYTES:
                 context = await trio.to_thread.run_sync(decode_context, data)
@@ -628,9 +638,12 @@ class _Session(_Endpoint):
             min_relevance=request.min_relevance,
             max_age_seconds=request.max_age_seconds,
             limit=request.limit,
+            text=request.text,
         )
         now = datetime.now(timezone.utc)
-        atoms = await node.run_sync(lambda: query.execute(node.expander.expand(context_id), now))
+        # With text, the store's full-text index answers (built first if it is missing).
+        atoms = await node.run_sync(
+            lambda: fulltext.run_query(node.store, node.expander.expand(context_id), query, now))
         if len(atoms) > MAX_ATOMS_PER_MESSAGE:
             raise LocalApiError(ErrorCode.LIMIT_EXCEEDED, f"{len(atoms)} atoms match; ask for a limit")
         return QueryResponse(atoms=tuple(atoms))

@@ -25,11 +25,12 @@ from daemon.config import NodeConfig, format_address
 from daemon.logs import RateLimitedLog
 from daemon.paths import HomePaths
 from sync import refs
+from sync.append import build_append
 from sync.codec import bytes_id, encode_context
 from sync.expand import ExpanderFunctor
 from sync.idset import IdSet
 from sync.messages import Hello, make_hello
-from sync.model import CompressedContext, check_id
+from sync.model import CompressedContext, MemoryAtom, check_id
 from sync.store import SQLiteContextStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,40 @@ class Node:
             # The same path as a peer's objects: verified, committed, then
             # the root changes and every peer hears of it at once.
             return await self.add_encoded(blobs)
+
+    async def append_to_ref(
+        self,
+        name: str,
+        delta_atoms: Sequence[MemoryAtom],
+        removed_hashes: Sequence[str],
+        metadata: dict[str, Any],
+    ) -> tuple[str, list[str]]:
+        """Build a context on ref `name`'s value (none if the ref does not
+        exist) adding `delta_atoms` and removing `removed_hashes`, store it
+        and point the ref at it: (context id, update ids).
+
+        Read, build and write happen under the ref-write lock, so two
+        appends here never build on the same value: neither loses the
+        other's atoms. Refused (AppendRefused, a ValueError: BAD_REQUEST)
+        if the ref is in conflict — building on one candidate and
+        superseding all would drop the others' changes from view — or if a
+        removed id is not an atom of the ref's value.
+        """
+        if self._node_key is None:
+            raise RuntimeError("the node is not running: it has no key to sign ref updates with")
+        name = refs.check_ref_name(name)
+        key, now = self._node_key, datetime.now(timezone.utc)
+
+        def make() -> tuple[str, list[bytes]]:
+            context = build_append(self.store, self.expander, name, delta_atoms, removed_hashes, metadata)
+            table = refs.RefTable(self.store.ref_frontier(name))
+            updates = refs.updates_for_write(table=table, name=name, target=context.id, key=key, time=now)
+            return context.id, [encode_context(context)] + [refs.encode_update(u) for u in updates]
+
+        async with self._ref_writes:
+            context_id, blobs = await self.run_sync(make)
+            ids = await self.add_encoded(blobs)
+        return context_id, ids[1:]
 
     def watch_refs(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """Call `callback(name)` (synchronously, must not block) after new

@@ -54,6 +54,9 @@ MAX_REFS_PER_MESSAGE = 65536
 # Names one REFS_WATCH may list (nil watches every ref): ~200 KiB of names
 # at most, one frame's worth at the default frame size.
 MAX_WATCH_NAMES = 1024
+# Atoms one REF_APPEND may remove: a forget of that many at once is far
+# beyond what a tool asks; 2 MiB of ids, well inside one message.
+MAX_APPEND_REMOVALS = 65536
 ID_BYTES = 32
 
 
@@ -67,6 +70,7 @@ class MessageType(enum.IntEnum):
     REF_SET = 0x06
     REFS_REQUEST = 0x07
     REFS_WATCH = 0x08
+    REF_APPEND = 0x09
     # sync, both ways
     HELLO = 0x10
     ROOT = 0x11
@@ -337,6 +341,10 @@ class StreamEnd:
     status: str = attrs.field(default="complete", validator=_max_len(MAX_REASON_LENGTH))
 
 
+# Characters of QUERY_REQUEST text: sync.query.MAX_TEXT_LENGTH.
+MAX_QUERY_TEXT = 4096
+
+
 @_frozen
 class QueryRequest:
     TYPE: ClassVar = MessageType.QUERY_REQUEST
@@ -345,6 +353,18 @@ class QueryRequest:
     min_relevance: float = attrs.field(default=0.0, validator=[_finite, _non_negative])
     max_age_seconds: float | None = attrs.field(default=None, validator=[_non_negative, _optional_finite])
     limit: int | None = attrs.field(default=None, validator=_non_negative)
+    # Full-text filter (sync/fulltext.py); nil or blank: none.
+    text: str | None = attrs.field(default=None, validator=attrs.validators.optional(_max_len(MAX_QUERY_TEXT)))
+
+
+# Without text, QUERY_REQUEST is sent as before `text` existed: a daemon
+# that predates it (it refuses unknown keys) still answers such a query.
+codec.converter.register_unstructure_hook(
+    QueryRequest,
+    cattrs.gen.make_dict_unstructure_fn(
+        QueryRequest, codec.converter, text=cattrs.gen.override(omit_if_default=True)
+    ),
+)
 
 
 @_frozen
@@ -424,18 +444,37 @@ class RefChanged:
     candidates: tuple[bytes, ...] = attrs.field(default=(), validator=_ids(MAX_IDS_PER_MESSAGE))
 
 
+
+@_frozen
+class RefAppend:
+    """Append one delta to ref `name` and move the ref, atomically: the node
+    builds a context whose base is the ref's value (none if the ref does not
+    exist), with these atoms added, these atom ids removed and this
+    compression_metadata, stores it and points the ref at it, all under its
+    ref-write lock, so concurrent appends never lose one another's atoms.
+    Answered by ACK: the new context's id, then the ref update id(s).
+    Flow-controlled, like PUSH_CONTEXT: it carries atoms."""
+
+    TYPE: ClassVar = MessageType.REF_APPEND
+    name: str = attrs.field(validator=_max_len(MAX_REF_NAME_BYTES))
+    delta_atoms: tuple[MemoryAtom, ...] = attrs.field(default=(), validator=_max_len(MAX_ATOMS_PER_MESSAGE))
+    removed_hashes: tuple[bytes, ...] = attrs.field(default=(), validator=_ids(MAX_APPEND_REMOVALS))
+    metadata: dict[str, Any] = attrs.field(factory=dict)
+
 Message = (
     Hello | Root | Credit | Ping | Pong | Goodbye | Error | Reconcile | Want | Objects | Ack
     | PushContext | ExpandRequest | ExpandResponse | StreamRequest | StreamChunk | StreamEnd
     | QueryRequest | QueryResponse | StatusRequest | StatusResponse | RefSet | RefsRequest | RefsResponse
-    | RefsWatch | RefChanged
+    | RefsWatch | RefChanged | RefAppend
 )
 
 MESSAGE_CLASSES: dict[MessageType, type] = {cls.TYPE: cls for cls in Message.__args__}
 
 # Messages whose payload bytes count against the flow-control windows: the
 # ones that carry bulk data. Control messages are never blocked by credit.
-FLOW_CONTROLLED = frozenset({MessageType.OBJECTS, MessageType.STREAM_CHUNK, MessageType.PUSH_CONTEXT})
+FLOW_CONTROLLED = frozenset({
+    MessageType.OBJECTS, MessageType.STREAM_CHUNK, MessageType.PUSH_CONTEXT, MessageType.REF_APPEND,
+})
 
 
 # ---------------------------------------------------------------- encoding

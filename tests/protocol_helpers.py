@@ -38,6 +38,7 @@ from sync.messages import (
     Root,
     StatusRequest,
     StatusResponse,
+    RefAppend,
     RefChanged,
     RefSet,
     RefsRequest,
@@ -250,6 +251,7 @@ MESSAGE_STRATEGIES = {
     MessageType.QUERY_REQUEST: st.builds(
         QueryRequest, id=ids, type_filter=_optional(type_sigs), min_relevance=non_negative_finite,
         max_age_seconds=_optional(st.floats(min_value=0.0, max_value=MAX_AGE_SECONDS)), limit=_optional(u64),
+        text=_optional(st.text(max_size=200)),
     ),
     MessageType.QUERY_RESPONSE: st.builds(QueryResponse, atoms=_tuples(atoms, 5)),
     MessageType.STATUS_REQUEST: st.builds(StatusRequest),
@@ -259,6 +261,10 @@ MESSAGE_STRATEGIES = {
     MessageType.REFS_REQUEST: st.builds(RefsRequest, name=_optional(st.text(max_size=200)), log=st.booleans()),
     MessageType.REFS_RESPONSE: st.builds(RefsResponse, refs=_tuples(json_maps, 4)),
     MessageType.REFS_WATCH: st.builds(RefsWatch, names=_optional(_tuples(st.text(max_size=200), 4))),
+    MessageType.REF_APPEND: st.builds(
+        RefAppend, name=st.text(max_size=200), delta_atoms=_tuples(atoms, 4), removed_hashes=_tuples(ids, 4),
+        metadata=json_maps,
+    ),
     MessageType.REF_CHANGED: st.builds(
         RefChanged, name=st.text(max_size=200), old=_optional(ids), new=_optional(ids), conflict=st.booleans(),
         candidates=_tuples(ids, 4),

@@ -762,6 +762,64 @@ def test_query_limit_min_relevance_and_json(rich, run):
     assert len(text.lines) == 3
 
 
+def test_query_text(rich, run):
+    result = run(rich, "query", "--text", "python deadlines", CHILD.id)
+    assert result.code == 0, result.err
+    assert result.lines == ["0.95 [String] Deadline is Friday", "0.90 [String] User prefers Python"]
+    typed = run(rich, "query", "--text", "python trio", "--min-relevance", "0.6", "--json", CHILD.id)
+    assert [h["content"] for h in json.loads(typed.out)] == ["User prefers Python"]
+    assert run(rich, "query", "--text", "uses trio", "--limit", "1", CHILD.id).lines == [
+        "0.50 [String] Project uses trio for concurrency"
+    ]
+
+
+@pytest.mark.parametrize("text", ['"', "*", "OR", "NEAR(", "'; DROP TABLE contexts; --"])
+def test_query_text_is_never_fts_syntax(rich, run, text):
+    result = run(rich, "query", "--text", text, "--json", CHILD.id)
+    assert result.code == 0, result.err
+    assert json.loads(result.out) == []
+
+
+def test_query_blank_text_is_no_filter(rich, run):
+    assert run(rich, "query", "--text", " ", CHILD.id).lines == run(rich, "query", CHILD.id).lines
+
+
+def test_query_text_too_long_fails_clearly(rich, run):
+    result = run(rich, "query", "--text", "x" * 5000, CHILD.id)
+    assert result.code == 1
+    assert_one_line_error(result.err, "--text")
+
+
+def _drop_text_index(home: Path) -> None:
+    db = sqlite3.connect(home / "store.db")
+    try:
+        db.execute("DROP TABLE atom_text")
+        db.commit()
+    finally:
+        db.close()
+
+
+def test_fsck_notes_a_missing_text_index_and_repair_rebuilds_it(rich, run):
+    _drop_text_index(rich)
+    noted = run(rich, "fsck")
+    assert noted.code == 0, noted.err  # a missing derived index is no problem: it is rebuilt on use
+    assert "full-text index is missing" in noted.out
+    repaired = run(rich, "fsck", "--repair")
+    assert repaired.code == 0, repaired.err
+    assert repaired.lines[0] == "fsck: rebuilt the full-text index (6 atoms)"
+    assert "all sound" in repaired.lines[-1]
+    assert "full-text" not in run(rich, "fsck").out
+    assert run(rich, "query", "--text", "friday", CHILD.id).lines == ["0.95 [String] Deadline is Friday"]
+
+
+def test_query_text_rebuilds_a_missing_index_on_first_use(rich, run):
+    _drop_text_index(rich)
+    assert run(rich, "query", "--text", "concurrency", CHILD.id).lines == [
+        "0.50 [String] Project uses trio for concurrency"
+    ]
+    assert "full-text" not in run(rich, "fsck").out
+
+
 @pytest.mark.parametrize("bad_type", ["List[", "]", "List[Int", "A B"])
 def test_query_bad_type_fails_clearly(rich, run, bad_type):
     result = run(rich, "query", "--type", bad_type, CHILD.id)

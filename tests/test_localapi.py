@@ -294,6 +294,43 @@ async def test_query_round_trip_uses_the_servers_clock(server, node, paths):
     assert T0 < datetime.now(timezone.utc) and aged == []
 
 
+@pytest.fixture
+async def sqlite_node(paths, tmp_path, nursery) -> FakeNode:
+    """A node on an SQLite store (its full-text index), serving the local API."""
+    store = SQLiteContextStore(tmp_path / "store.db")
+    node = FakeNode(paths, store)
+    await nursery.start(LocalApiServer(node).serve)
+    yield node
+    store.close()
+
+
+async def test_text_query_round_trip(sqlite_node, paths):
+    node = sqlite_node
+    node.store.put_many([ROOT, CHILD])
+    with trio.fail_after(GUARD):
+        async with LocalClient.connect(paths) as client:
+            hits = await client.query(CHILD.id, text="python deadline")
+            typed = await client.query(CHILD.id, text="python deadline", min_relevance=0.92)
+            hostile = await client.query(CHILD.id, text='" OR * NEAR( python')
+            blank = await client.query(CHILD.id, text="  ")
+            everything = await client.query(CHILD.id)
+    assert [a.content for a in hits] == ["Deadline is Friday", "User prefers Python"]
+    assert [a.content for a in typed] == ["Deadline is Friday"]
+    assert [a.content for a in hostile] == ["User prefers Python"]
+    assert blank == everything
+
+
+async def test_text_query_finds_what_a_peer_sent(sqlite_node, paths):
+    node = sqlite_node
+    # The peer path stores through put_encoded: indexed in the same commit.
+    sent = delta(ROOT, atom("Arrived from a peer over OBJECTS", 0.4), source="peer")
+    node.store.put_encoded([encode_context(ROOT), encode_context(sent)])
+    with trio.fail_after(GUARD):
+        async with LocalClient.connect(paths) as client:
+            hits = await client.query(sent.id, text="arrive peers")
+    assert [a.content for a in hits] == ["Arrived from a peer over OBJECTS"]
+
+
 async def test_status_round_trip(server, node, paths):
     node.store.put(ROOT)
     with trio.fail_after(GUARD):
@@ -763,6 +800,10 @@ def test_cli_push_unknown_base_through_the_daemon_names_the_line_and_stores_noth
         ["query", "CHILD", "--json"],
         ["query", "CHILD", "--type", "String", "--limit", "2"],
         ["query", "ROOT", "--min-relevance", "0.6", "--json"],
+        ["query", "CHILD", "--text", "python deadline", "--json"],
+        ["query", "CHILD", "--text", "uses python", "--type", "String", "--limit", "1"],
+        ["query", "CHILD", "--text", '" OR * NEAR('],
+        ["query", "CHILD", "--text", "   ", "--json"],
         ["expand", "--json", "feed"],
     ],
     ids=lambda a: " ".join(a),

@@ -21,6 +21,7 @@ from sync.messages import (
     ID_BYTES,
     MAX_IDS_PER_MESSAGE,
     MAX_OBJECTS_PER_MESSAGE,
+    MAX_QUERY_TEXT,
     MAX_REASON_LENGTH,
     MAX_REFS_PER_MESSAGE,
     MAX_WATCH_NAMES,
@@ -41,6 +42,7 @@ from sync.messages import (
     QueryRequest,
     QueryResponse,
     Reconcile,
+    RefAppend,
     RefChanged,
     RefSet,
     RefsRequest,
@@ -57,6 +59,7 @@ from sync.messages import (
     encode_payload,
 )
 from sync.model import T_STRING, MemoryAtom, MemoryMolecule, T_LIST, TypeSignature
+from sync.query import MAX_TEXT_LENGTH
 
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -87,7 +90,8 @@ EXAMPLES = {
     MessageType.STREAM_CHUNK: StreamChunk(chunk_id=0, atoms=(ATOM,), is_final=False, cumulative_tokens=4, progress=0.5),
     MessageType.STREAM_END: StreamEnd(status="complete"),
     MessageType.QUERY_REQUEST: QueryRequest(
-        id=ID1, type_filter=T_LIST(T_STRING), min_relevance=0.2, max_age_seconds=60.0, limit=10
+        id=ID1, type_filter=T_LIST(T_STRING), min_relevance=0.2, max_age_seconds=60.0, limit=10,
+        text='python "daemons" OR *',
     ),
     MessageType.QUERY_RESPONSE: QueryResponse(atoms=(ATOM, ATOM)),
     MessageType.STATUS_REQUEST: StatusRequest(),
@@ -100,6 +104,7 @@ EXAMPLES = {
     ),
     MessageType.REFS_WATCH: RefsWatch(names=("main", "projects/x")),
     MessageType.REF_CHANGED: RefChanged(name="main", old=ID1, new=ID2, conflict=True, candidates=(ID1, ID2)),
+    MessageType.REF_APPEND: RefAppend(name="main", delta_atoms=(ATOM,), removed_hashes=(ID2,), metadata={"message": "m"}),
 }
 
 
@@ -158,6 +163,24 @@ def test_float_fields_accept_integers_from_the_wire():
 
 def test_optional_fields_take_their_defaults_when_absent():
     assert decode_payload(MessageType.QUERY_REQUEST, pack({"id": ID1})) == QueryRequest(id=ID1)
+
+
+def test_query_request_without_text_is_sent_as_before_text_existed():
+    # A daemon that predates `text` refuses unknown keys: a query without
+    # text must still reach it, so the key is left out, not sent as nil.
+    assert "text" not in raw_fields(QueryRequest(id=ID1))
+    assert "text" not in msgpack.unpackb(encode_payload(QueryRequest(id=ID1, limit=3)), raw=False)
+    with_text = QueryRequest(id=ID1, text="sync daemons")
+    assert decode_payload(MessageType.QUERY_REQUEST, encode_payload(with_text)) == with_text
+
+
+def test_query_request_text_is_bounded():
+    QueryRequest(id=ID1, text="x" * MAX_QUERY_TEXT)
+    with pytest.raises(ValueError):
+        QueryRequest(id=ID1, text="x" * (MAX_QUERY_TEXT + 1))
+    assert_decode_error(MessageType.QUERY_REQUEST, {"id": ID1, "text": "x" * (MAX_QUERY_TEXT + 1)})
+    assert_decode_error(MessageType.QUERY_REQUEST, {"id": ID1, "text": b"bytes"})
+    assert MAX_QUERY_TEXT == MAX_TEXT_LENGTH
     assert decode_payload(MessageType.OBJECTS, pack({"ids": [], "objects": []})) == objects()
 
 
