@@ -62,6 +62,16 @@ FACT_SOURCE = "mcp"
 STRING = parse_type("String")
 
 
+def _identity(path) -> tuple[int, int] | None:
+    """(inode, mtime) of a file, None if it does not exist: a new daemon's
+    socket is a new file."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns
+
+
 class ToolError(Exception):
     """A tool call that cannot be done as asked; one line, for the model."""
 
@@ -253,6 +263,7 @@ class DaemonLink:
         self._connected = trio.Event()
         self._retry = trio.Event()
         self._known: dict[str, tuple] | None = None  # offline poll: name -> (target, candidates)
+        self._refused_socket: tuple[int, int] | None = None  # (inode, mtime) of a socket that refused
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Until cancelled. Started (`nursery.start`) once it knows where
@@ -269,7 +280,9 @@ class DaemonLink:
                         async for change in changes:
                             await self._on_ref_changed(change.name)
             except DaemonNotRunning:
-                pass
+                # A socket file nobody answers on (a daemon killed -9): do
+                # not wait on it again until it is replaced.
+                self._refused_socket = _identity(self.paths.api_socket)
             except (LocalApiError, OSError) as exc:
                 log.info("the daemon link ended: %s", exc)
             finally:
@@ -315,9 +328,12 @@ class DaemonLink:
         has not connected yet, wait for it a little. None: no daemon runs."""
         if self.client is not None:
             return self.client
-        if not os.path.exists(self.paths.api_socket):
+        socket = _identity(self.paths.api_socket)
+        if socket is None:
             return None
         self._retry.set()
+        if socket == self._refused_socket:
+            return None  # the same stale socket that refused us: offline at once
         with trio.move_on_after(DAEMON_WAIT_SECONDS):
             await self._connected.wait()
         return self.client
