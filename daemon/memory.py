@@ -22,6 +22,7 @@ import itertools
 import logging
 import math
 import os
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -354,6 +355,7 @@ class Memory:
         self.default_ref = _ref_name(default_ref)
         self._notify = on_ref_changed or _ignore
         self.link = DaemonLink(paths, self._notify)
+        self._offline = OfflineExpansions(paths)
 
     def _ref(self, value: Any) -> str:
         return self.default_ref if value is None else _ref_name(value)
@@ -452,7 +454,7 @@ class Memory:
                                       max_age_seconds=query.max_age_seconds, limit=query.limit, text=query.text)
 
         def via_store(store: SQLiteContextStore, value: refs.RefValue) -> list[MemoryAtom]:
-            expanded = ExpanderFunctor(store).expand(value.target)
+            expanded = self._offline.expand(value.target)
             return fulltext.run_query(store, expanded, query, datetime.now(timezone.utc))
 
         found, atoms = await self._read(name, via_daemon, via_store)
@@ -461,7 +463,7 @@ class Memory:
     async def context(self, ref: Any = None, max_tokens: Any = 2000) -> str:
         name = self._ref(ref)
         budget = _integer("max_tokens", 2000 if max_tokens is None else max_tokens, minimum=1, maximum=MAX_TOKENS)
-        found, expanded = await self._read(name, *_expansion_readers(budget))
+        found, expanded = await self._read(name, *_expansion_readers(self._offline, budget))
         text = expanded.to_prompt_context()
         if found.get("conflict"):
             text = _conflict_note(found) + ("\n" + text if text else "")
@@ -509,7 +511,7 @@ class Memory:
 
     async def expansion_text(self, name: str) -> str:
         """The resource `ctxfs://ref/{name}`: the whole expansion as prompt text."""
-        found, expanded = await self._read(_ref_name(name), *_expansion_readers(None))
+        found, expanded = await self._read(_ref_name(name), *_expansion_readers(self._offline, None))
         text = expanded.to_prompt_context()
         return _conflict_note(found) + "\n" + text if found.get("conflict") else text
 
@@ -518,12 +520,33 @@ async def _ignore(_name: str) -> None:
     return None
 
 
-def _expansion_readers(budget: int | None):
+class OfflineExpansions:
+    """Expansions memoised across tool calls when no daemon runs.
+
+    Contexts never change (their id is their content), so an expansion
+    computed once stays true: a recall after a remember expands only the
+    new delta, not the whole ref again. Ref values are still read afresh
+    on every call. One store connection, one caller at a time.
+    """
+
+    def __init__(self, paths: HomePaths) -> None:
+        self._paths = paths
+        self._lock = threading.Lock()
+        self._expander: ExpanderFunctor | None = None
+
+    def expand(self, context_id: str) -> ExpandedContext:
+        with self._lock:
+            if self._expander is None:
+                self._expander = ExpanderFunctor(SQLiteContextStore(self._paths.store))
+            return self._expander.expand(context_id)
+
+
+def _expansion_readers(offline: OfflineExpansions, budget: int | None):
     async def via_daemon(client: LocalClient, target: str) -> ExpandedContext:
         return expanded_from_response(await client.expand(target, max_tokens=budget))
 
     def via_store(store: SQLiteContextStore, value: refs.RefValue) -> ExpandedContext:
-        return filter_expansion(ExpanderFunctor(store).expand(value.target), 0.0, budget)
+        return filter_expansion(offline.expand(value.target), 0.0, budget)
 
     return via_daemon, via_store
 
