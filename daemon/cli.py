@@ -20,21 +20,20 @@ import trio
 
 from daemon import endpoint, localapi, security
 from daemon.paths import HomePaths, resolve_home
+from daemon.endpoint import resolve_context_id
 from daemon.status import format_status
 from sync import fulltext
 from sync.codec import DecodeError, atom_to_json, context_from_json, expanded_to_json
 from sync.errors import ErrorCode
 from sync.expand import ExpanderFunctor, ExpansionChunk, stream_expansion
-from sync.model import CompressedContext, ExpandedContext, is_id, parse_type
+from sync.model import CompressedContext, ExpandedContext, parse_type
 from sync.query import ContextQuery
-from sync.refs import RefValue, check_ref_name
-from sync.store import MissingBase, SQLiteContextStore, StoreError
+from sync.refs import RefValue
+from sync.store import MissingBase, NotFound, SQLiteContextStore, StoreError
 
 # Largest push input read: far beyond any real context, small enough that a
 # wrong file (a disk image piped in by mistake) is refused before parsing.
 MAX_PUSH_BYTES = 256 * 1024 * 1024
-# Shortest id prefix accepted where an id is asked for (git's minimum too).
-MIN_ID_PREFIX = 4
 # `status --watch` refresh period, seconds.
 WATCH_INTERVAL = 1.0
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
@@ -74,51 +73,16 @@ def _open_store(home: HomePaths) -> SQLiteContextStore:
 
 
 def resolve_id(store: SQLiteContextStore, text: str) -> str:
-    """A context id from what a user typed, in this order:
-
-    1. 64 hex characters: always that id (never a ref name);
-    2. the name of a ref that exists: its target (the winner if the ref is
-       in conflict, with a warning on stderr);
-    3. a unique prefix of at least MIN_ID_PREFIX hex digits of a context id
-       (ref update ids share the id space, and are skipped).
-
-    So a ref named like a prefix (`cafe`) hides that prefix: give more digits.
-    """
-    lowered = text.strip().lower()
-    if is_id(lowered):
-        if not store.has(lowered):
-            raise CliError(f"no context {lowered} in the store")
-        return lowered
-    value = _ref_value_or_none(store, text)
+    """A context id from what a user typed: a full id, a ref name or a
+    unique prefix (`endpoint.resolve_context_id` has the order); a ref in
+    conflict gives its winner, with a warning on stderr."""
+    try:
+        context_id, value = resolve_context_id(store, text)
+    except (NotFound, ValueError) as exc:
+        raise CliError(str(exc)) from None
     if value is not None:
         warn_if_conflict(value)
-        return value.target
-    shown, text = text, lowered
-    if len(text) < MIN_ID_PREFIX or len(text) > 64 or not all(c in "0123456789abcdef" for c in text):
-        raise CliError(
-            f"not a context id or ref name: {shown!r:.80} (64 hex characters, a unique prefix of at least "
-            f"{MIN_ID_PREFIX}, or the name of a ref)"
-        )
-    start = text + "0" * (64 - len(text))
-    matches = []
-    for oid in store.ids(start):
-        if not oid.startswith(text) or len(matches) == 2:
-            break
-        if store.has(oid):  # a context, not a ref update
-            matches.append(oid)
-    if not matches:
-        raise CliError(f"no context with id prefix {text}")
-    if len(matches) > 1:
-        raise CliError(f"id prefix {text} is ambiguous; give more digits")
-    return matches[0]
-
-
-def _ref_value_or_none(store: SQLiteContextStore, text: str) -> RefValue | None:
-    try:
-        check_ref_name(text)
-    except ValueError:
-        return None
-    return store.ref_value(text)
+    return context_id
 
 
 def warn_if_conflict(value: RefValue) -> None:

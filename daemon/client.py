@@ -1,4 +1,10 @@
-"""The local API client: what AI tools import to talk to a running daemon."""
+"""The local API client: what AI tools import to talk to a running daemon.
+
+Written with anyio, so it runs in asyncio programs (`asyncio.run`,
+`anyio.run`) and in trio ones (`trio.run`: the daemon's CLI and MCP
+server) alike. Transport errors become LocalApiError/ConnectionLost here,
+at one boundary.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,14 @@ import contextlib
 import os
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import attrs
-import trio
 
-from daemon.paths import HomePaths
-from sync.codec import encode_context
+from daemon.paths import HomePaths, resolve_home
+from sync.codec import DecodeError, context_from_json, encode_context
 from sync.connection import Connection, ConnectionClosed, Received, State
 from sync.errors import ErrorCode, RemoteProtocolError, error_code_from_wire
 from sync.flow import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
@@ -38,6 +44,8 @@ from sync.messages import (
     RefsRequest,
     RefsResponse,
     RefsWatch,
+    Resolve,
+    Resolved,
     StatusRequest,
     StatusResponse,
     StreamChunk,
@@ -46,7 +54,7 @@ from sync.messages import (
     encode_payload,
     make_hello,
 )
-from sync.model import MemoryAtom, TypeSignature, check_id, is_id
+from sync.model import CompressedContext, MemoryAtom, TypeSignature, check_id, is_id
 from sync.refs import check_ref_name
 
 from daemon.endpoint import (
@@ -56,6 +64,8 @@ from daemon.endpoint import (
     DaemonNotRunning,
     HELLO_TIMEOUT,
     LocalApiError,
+    MIN_ID_PREFIX,
+    TRANSPORT_ERRORS,
     _Endpoint,
     _socket_path,
     _sole,
@@ -65,6 +75,26 @@ from daemon.endpoint import (
 # --------------------------------------------------------------------------
 # the client
 # --------------------------------------------------------------------------
+
+
+class _ByteStream:
+    """An anyio byte stream with the interface _Endpoint speaks (trio's
+    Stream): send_all, receive_some (b"" at the end of the stream), aclose."""
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self._stream = stream
+
+    async def send_all(self, data: bytes) -> None:
+        await self._stream.send(data)
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        try:
+            return await self._stream.receive(max_bytes)
+        except anyio.EndOfStream:
+            return b""
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 class _Inbox:
@@ -78,7 +108,7 @@ class _Inbox:
 
     def __init__(self) -> None:
         self.items: deque[Received] = deque()
-        self._wakeup = trio.Event()
+        self._wakeup = anyio.Event()
         self._error: LocalApiError | None = None
 
     def put(self, item: Received) -> None:
@@ -93,7 +123,7 @@ class _Inbox:
         while not self.items:
             if self._error is not None:
                 raise self._error
-            self._wakeup = trio.Event()
+            self._wakeup = anyio.Event()
             await self._wakeup.wait()
         return self.items.popleft()
 
@@ -108,11 +138,11 @@ def _expect(received: Received, cls: type) -> Any:
 
 
 class LocalClient(_Endpoint):
-    """A client of a running daemon's local API.
+    """A client of a running daemon's local API, under asyncio or trio.
 
-        async with LocalClient.connect(HomePaths(home)) as client:
-            ids = await client.push([ctx])
-            async for chunk in client.expand_stream(ids[0]): ...
+        async with LocalClient.connect(home) as client:   # a HomePaths, str or path
+            ids = await client.push([ctx])                 # contexts or interchange-JSON dicts
+            async for chunk in client.expand_stream("main"): ...   # id, prefix or ref name
 
     Raises DaemonNotRunning when nobody answers on the socket; requests the
     daemon refuses raise LocalApiError(code, message).
@@ -120,7 +150,7 @@ class LocalClient(_Endpoint):
 
     def __init__(
         self,
-        stream: trio.abc.Stream,
+        stream: anyio.abc.ByteStream,
         *,
         stream_window: int = DEFAULT_STREAM_WINDOW,
         connection_window: int = DEFAULT_CONNECTION_WINDOW,
@@ -129,10 +159,10 @@ class LocalClient(_Endpoint):
             node_id=CLIENT_NODE_ID, root=bytes(32), count=0,
             stream_window=stream_window, connection_window=connection_window,
         )
-        super().__init__(stream, Connection(hello=hello, dialer=True))
+        super().__init__(_ByteStream(stream), Connection(hello=hello, dialer=True))
         self.server_hello: Hello | None = None
         self._inboxes: dict[int, _Inbox] = {}
-        self._reader_done = trio.Event()
+        self._reader_done = anyio.Event()
         self._lost_is_guess = False
         self._closing = False
 
@@ -140,36 +170,38 @@ class LocalClient(_Endpoint):
     @contextlib.asynccontextmanager
     async def connect(
         cls,
-        home: HomePaths | str | os.PathLike,
+        home: HomePaths | str | os.PathLike | None = None,
         *,
         stream_window: int = DEFAULT_STREAM_WINDOW,
         connection_window: int = DEFAULT_CONNECTION_WINDOW,
     ) -> AsyncIterator[LocalClient]:
-        paths = home if isinstance(home, HomePaths) else HomePaths(Path(home))
+        """Connect to the daemon of `home` (None: as the CLI finds it without
+        --home: $CTXFS_HOME, else the user data dir); closed on leaving."""
+        paths = home if isinstance(home, HomePaths) else HomePaths(resolve_home(home))
         path = _socket_path(paths)
         try:
-            stream = await trio.open_unix_socket(path)
+            stream = await anyio.connect_unix(path)
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
             raise DaemonNotRunning(f"no daemon is running for {paths.root}") from None
         client = cls(stream, stream_window=stream_window, connection_window=connection_window)
         try:
-            with trio.fail_after(HELLO_TIMEOUT):
+            with anyio.fail_after(HELLO_TIMEOUT):
                 await client._handshake()
-        except trio.TooSlowError:
-            await trio.aclose_forcefully(stream)
+        except TimeoutError:
+            await anyio.aclose_forcefully(stream)
             raise ConnectionLost(ErrorCode.INTERNAL, f"the daemon for {paths.root} did not answer within {HELLO_TIMEOUT} s") from None
         except BaseException:
-            await trio.aclose_forcefully(stream)
+            await anyio.aclose_forcefully(stream)
             raise
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client._read_responses)
-                nursery.start_soon(client._flush_forever)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(client._read_responses)
+                tasks.start_soon(client._flush_forever)
                 try:
                     yield client
                 finally:
                     await client.aclose()
-                    nursery.cancel_scope.cancel()
+                    tasks.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise _sole(group) from None
 
@@ -180,7 +212,7 @@ class LocalClient(_Endpoint):
             event = await self.next_event()
         except RemoteProtocolError as exc:
             raise ConnectionLost(exc.code, f"the daemon does not speak this protocol: {exc.message}") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except TRANSPORT_ERRORS:
             event = None
         if not isinstance(event, Received):
             raise ConnectionLost(ErrorCode.INTERNAL, "the daemon closed the connection before its HELLO")
@@ -223,7 +255,7 @@ class LocalClient(_Endpoint):
         except RemoteProtocolError as exc:
             error = ConnectionLost(exc.code, f"the daemon broke the protocol: {exc.message}")
             await self._send_failure(exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionLost):
+        except (*TRANSPORT_ERRORS, ConnectionLost):
             pass
         finally:
             self._fail_all(error)
@@ -247,12 +279,12 @@ class LocalClient(_Endpoint):
         if self._closing:
             return
         self._closing = True
-        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+        with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
             if self._lost is None and self.conn.state is State.OPEN:
                 await self._send_goodbye(ErrorCode.NO_ERROR)
                 await self._reader_done.wait()
         self._fail_all(ConnectionLost(ErrorCode.INTERNAL, "the client is closed"))
-        await trio.aclose_forcefully(self.stream)
+        await anyio.aclose_forcefully(self.stream)
 
     # ------------------------------------------------------------ requests
 
@@ -267,8 +299,8 @@ class LocalClient(_Endpoint):
     async def abandon(self, stream_id: int, reason: str) -> None:
         """Tell the daemon we gave up on a stream (ERROR NO_ERROR on it):
         shielded, within CLOSE_TIMEOUT, and silent if the connection is gone."""
-        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
-            with contextlib.suppress(LocalApiError, trio.BrokenResourceError, trio.ClosedResourceError):
+        with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            with contextlib.suppress(LocalApiError, *TRANSPORT_ERRORS):
                 await self.send(Error(code=int(ErrorCode.NO_ERROR), message=reason), stream_id)
 
     def _forget(self, stream_id: int) -> None:
@@ -287,16 +319,22 @@ class LocalClient(_Endpoint):
         """Await a send; if the daemon closed under it, raise why it did."""
         try:
             await sent
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            with trio.move_on_after(CLOSE_TIMEOUT):
+        except TRANSPORT_ERRORS:
+            with anyio.move_on_after(CLOSE_TIMEOUT):
                 await self._reader_done.wait()  # it may have read the daemon's reason
             lost = self._lost or ConnectionLost(ErrorCode.INTERNAL, "the daemon closed the connection")
             raise type(lost)(lost.code, lost.message) from None
 
-    async def push(self, contexts: Sequence[Any]) -> list[str]:
-        """Store contexts through the daemon, in order; each is committed before the next is sent."""
+    async def push(self, contexts: Sequence[CompressedContext | dict]) -> list[str]:
+        """Store contexts through the daemon, in order; each is committed
+        before the next is sent. Each is a CompressedContext or an
+        interchange-JSON dict (what `ctxfs push` reads); all are checked
+        before any is sent, so a bad one (DecodeError naming its field)
+        stores nothing."""
+        if isinstance(contexts, (dict, CompressedContext)):
+            raise TypeError("push takes a list of contexts (CompressedContext or interchange-JSON dicts)")
         ids = []
-        for context in contexts:
+        for context in [_as_context(c, i) for i, c in enumerate(contexts)]:
             message = PushContext(context=encode_context(context))
             stream_id, inbox = self._open()
             try:
@@ -310,15 +348,25 @@ class LocalClient(_Endpoint):
         return ids
 
     async def context_id(self, id_or_ref: str) -> bytes:
-        """A context id: 64 hex digits are one; anything else names a ref,
-        whose value (its documented winner, if in conflict) is asked of the
-        daemon. NOT_FOUND if no such ref; a bad name is BAD_REQUEST."""
+        """A context id, read as the CLI reads an ID: 64 hex digits are that
+        id; anything else is resolved by the daemon (RESOLVE): the value of
+        a ref of that name (its winner, if in conflict), else the one
+        context whose id starts with that prefix of 4+ hex digits.
+        NOT_FOUND if none; BAD_REQUEST if the prefix is ambiguous (the
+        message names candidates); ValueError, before asking, for text
+        that is neither an id, a prefix nor a valid ref name."""
         if is_id(id_or_ref):
             return bytes.fromhex(id_or_ref)
-        return bytes.fromhex((await self.ref(id_or_ref))["target"])
+        if not _is_id_prefix(id_or_ref):
+            check_ref_name(id_or_ref)  # ValueError here, without asking: neither a prefix nor a name
+        return (await self._call(Resolve(text=id_or_ref), Resolved)).id
+
+    async def resolve(self, id_or_ref: str) -> str:
+        """The full id (64 hex characters) that an id, prefix or ref name names."""
+        return (await self.context_id(id_or_ref)).hex()
 
     async def expand(self, context_id: str, *, min_relevance: float = 0.0, max_tokens: int | None = None) -> ExpandResponse:
-        """The expansion of a context, by id or ref name."""
+        """The expansion of a context, by id, unique id prefix or ref name."""
         request = ExpandRequest(id=await self.context_id(context_id), min_relevance=min_relevance, max_tokens=max_tokens)
         response = await self._call(request, ExpandResponse)
         if atom_root(response.atoms) != response.atom_root:
@@ -450,7 +498,22 @@ class LocalClient(_Endpoint):
         return RefWatch(self, RefsWatch(names=names))
 
     async def ping(self, nonce: int = 0) -> None:
-        await self.send(Ping(nonce=nonce))
+        await self._sending(self.send(Ping(nonce=nonce)))
+
+
+def _is_id_prefix(text: str) -> bool:
+    return MIN_ID_PREFIX <= len(text) <= 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def _as_context(context: CompressedContext | dict, index: int) -> CompressedContext:
+    if isinstance(context, CompressedContext):
+        return context
+    if isinstance(context, dict):
+        try:
+            return context_from_json(context)
+        except DecodeError as exc:
+            raise DecodeError(f"contexts[{index}]: {exc}") from None
+    raise TypeError(f"contexts[{index}]: a CompressedContext or an interchange-JSON dict, not {type(context).__name__}")
 
 
 class ChunkStream:
@@ -481,10 +544,10 @@ class ChunkStream:
         if self._stream_id is None:
             request = attrs.evolve(self._request, id=await client.context_id(self._target))
             self._stream_id, self._inbox = client._open()
-            await client.send(request, self._stream_id)
+            await client._sending(client.send(request, self._stream_id))
         if self._held:
             held, self._held = self._held, 0
-            await client.release(self._stream_id, held)
+            await client._sending(client.release(self._stream_id, held))
         received = await self._inbox.get()
         if isinstance(received.message, StreamChunk):
             self._held = received.size
@@ -513,8 +576,8 @@ class ChunkStream:
             unread = self._held + sum(r.size for r in self._inbox.items if r.message.TYPE in FLOW_CONTROLLED)
             client._forget(self._stream_id)
             if unread:
-                with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                    with contextlib.suppress(LocalApiError, trio.BrokenResourceError, trio.ClosedResourceError):
+                with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                    with contextlib.suppress(LocalApiError, *TRANSPORT_ERRORS):
                         await client.release(self._stream_id, unread)
 
 
@@ -551,7 +614,7 @@ class _ChangeInbox:
     def __init__(self) -> None:
         self.changes: dict[str, RefChanged] = {}  # insertion-ordered
         self.items: deque[Received] = deque()
-        self._wakeup = trio.Event()
+        self._wakeup = anyio.Event()
         self._error: LocalApiError | None = None
 
     def put(self, item: Received) -> None:
@@ -578,7 +641,7 @@ class _ChangeInbox:
                 return self.items.popleft()
             if self._error is not None:
                 raise self._error
-            self._wakeup = trio.Event()
+            self._wakeup = anyio.Event()
             await self._wakeup.wait()
 
 

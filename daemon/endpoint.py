@@ -1,5 +1,10 @@
 """Shared by the local API server and its client: errors, helpers, and one
-end of a framed connection (a `Connection` over a trio stream).
+end of a framed connection (a `Connection` over a byte stream).
+
+`_Endpoint` is written with anyio primitives so the client runs under
+asyncio and trio alike; under trio (the daemon, the CLI, the MCP server)
+anyio's trio backend makes them trio's own. The server stays on trio: it
+hands the endpoint trio streams, whose errors it catches itself.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 
+import anyio
+import anyio.lowlevel
 import trio
 
 from daemon.paths import HomePaths
@@ -16,9 +23,9 @@ from sync.connection import NEED_DATA, Connection, ConnectionClosed, Received, S
 from sync.errors import ErrorCode, RemoteProtocolError, error_code_from_wire
 from sync.merkle import merkle_root
 from sync.messages import ExpandResponse, Goodbye, Message
-from sync.model import ExpandedContext, MemoryAtom
+from sync.model import ExpandedContext, MemoryAtom, is_id
 from sync.refs import RefUpdate, RefValue, check_ref_name
-from sync.store import NotFound
+from sync.store import NotFound, StoreError
 
 
 logger = logging.getLogger("daemon.localapi")
@@ -63,6 +70,16 @@ MAX_LOCAL_CLIENTS = 64
 # sun_path holds 108 bytes on Linux, NUL included.
 MAX_SOCKET_PATH = 107
 CLIENT_NODE_ID = bytes(32)
+# What a byte stream raises once it can carry no more: trio's (the server's
+# streams) and anyio's (the client's, under asyncio or trio).
+TRANSPORT_ERRORS = (
+    trio.BrokenResourceError, trio.ClosedResourceError, anyio.BrokenResourceError, anyio.ClosedResourceError,
+)
+# Shortest id prefix accepted where an id is asked for (git's minimum too).
+MIN_ID_PREFIX = 4
+# Candidates an ambiguous prefix's refusal names: enough to choose from,
+# short enough for one ERROR message.
+MAX_PREFIX_CANDIDATES = 8
 
 
 # --------------------------------------------------------------------------
@@ -95,6 +112,32 @@ class DaemonNotRunning(Exception):
 
 class DaemonAlreadyRunning(Exception):
     """Another daemon serves this home's API socket."""
+
+
+class NoSuchPrefix(NotFound):
+    """No context id starts with this prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        StoreError.__init__(self, f"no context with id prefix {prefix}")
+        self.context_id = prefix
+
+
+class NoSuchName(NotFound):
+    """No ref has this name (and it is no id or id prefix)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        StoreError.__init__(self, message)
+        self.context_id = name
+
+
+class AmbiguousPrefix(ValueError):
+    """More than one context id starts with this prefix."""
+
+    def __init__(self, prefix: str, candidates: Sequence[str]) -> None:
+        more = "…" if len(candidates) > MAX_PREFIX_CANDIDATES else ""
+        shown = ", ".join(c[:16] for c in candidates[:MAX_PREFIX_CANDIDATES])
+        super().__init__(f"id prefix {prefix} is ambiguous ({shown}{more}); give more digits")
+        self.candidates = tuple(candidates)
 
 
 class _Abandoned(Exception):
@@ -197,6 +240,54 @@ def read_ref_values(store, names: frozenset[str] | None) -> dict[str, RefValue]:
     return {name: value for name in sorted(names) if (value := store.ref_value(name)) is not None}
 
 
+def resolve_context_id(store, text: str) -> tuple[str, RefValue | None]:
+    """The context id that `text` names (blocking, reads the store), and
+    the ref's value if a ref named it. In this order:
+
+    1. 64 hex characters: always that id (never a ref name);
+    2. the name of a ref that exists: its target (the winner if the ref is
+       in conflict: the caller may warn);
+    3. a unique prefix of at least MIN_ID_PREFIX hex digits of a context id
+       (ref update ids share the id space, and are skipped).
+
+    So a ref named like a prefix (`cafe`) hides that prefix: give more
+    digits. NotFound (NoSuchPrefix) or ValueError (AmbiguousPrefix) else.
+    """
+    lowered = text.strip().lower()
+    if is_id(lowered):
+        if not store.has(lowered):
+            raise NotFound(lowered)
+        return lowered, None
+    try:
+        check_ref_name(text)
+        is_name = True
+    except ValueError:
+        is_name = False
+    value = store.ref_value(text) if is_name else None
+    if value is not None:
+        return value.target, value
+    shown, text = text, lowered
+    if len(text) < MIN_ID_PREFIX or len(text) > 64 or not all(c in "0123456789abcdef" for c in text):
+        message = (
+            f"not a context id or ref name: {shown!r:.80} (64 hex characters, a unique prefix of at least "
+            f"{MIN_ID_PREFIX}, or the name of a ref)"
+        )
+        # A name a ref could have is not found; anything else is a bad request.
+        raise (NoSuchName(shown, message) if is_name else ValueError(message))
+    start = text + "0" * (64 - len(text))
+    matches = []
+    for oid in store.ids(start):
+        if not oid.startswith(text) or len(matches) > MAX_PREFIX_CANDIDATES:
+            break
+        if store.has(oid):  # a context, not a ref update
+            matches.append(oid)
+    if not matches:
+        raise NoSuchPrefix(text)
+    if len(matches) > 1:
+        raise AmbiguousPrefix(text, matches)
+    return matches[0], None
+
+
 def _socket_path(paths: HomePaths) -> str:
     path = str(paths.api_socket)
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
@@ -238,7 +329,8 @@ def _sole(group: BaseExceptionGroup) -> BaseException:
 
 
 class _Endpoint:
-    """A Connection over a trio stream: one reader, one send lock, credit waits.
+    """A Connection over a byte stream with trio's Stream interface
+    (send_all, receive_some, aclose): one reader, one send lock, credit waits.
 
     The reader never waits for the send lock. If it did, a writer blocked on
     a peer that is itself blocked writing to us (its reader waiting on its
@@ -250,14 +342,14 @@ class _Endpoint:
     def __init__(self, stream: trio.abc.Stream, conn: Connection) -> None:
         self.stream = stream
         self.conn = conn
-        self._send_lock = trio.Lock()
+        self._send_lock = anyio.Lock()
         # True while a send_all is under way; left True if one was cancelled
         # midway, when the byte stream is cut mid-frame and unusable.
         self._send_broken = False
-        self._credit = trio.Event()
+        self._credit = anyio.Event()
         self._lost: LocalApiError | None = None
         self._control = bytearray()
-        self._control_queued = trio.Event()
+        self._control_queued = anyio.Event()
 
     def _queue(self, data: bytes) -> None:
         """Bytes for the flusher (never blocks)."""
@@ -285,10 +377,10 @@ class _Endpoint:
         try:
             while True:
                 await self._control_queued.wait()
-                self._control_queued = trio.Event()
+                self._control_queued = anyio.Event()
                 async with self._send_lock:
                     await self._write(b"")
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionLost):
+        except (*TRANSPORT_ERRORS, ConnectionLost):
             pass
 
     async def _write(self, data: bytes) -> None:
@@ -302,7 +394,7 @@ class _Endpoint:
             raise ConnectionLost(ErrorCode.INTERNAL, "the connection broke while sending")
         # A cancellation delivered here leaves the stream intact; one that
         # interrupts send_all (the peer stopped reading) may cut a frame.
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await anyio.lowlevel.checkpoint_if_cancelled()
         self._send_broken = True
         try:
             await self.stream.send_all(data)
@@ -387,12 +479,12 @@ class _Endpoint:
     def _sent_flow(self, count: int) -> None:
         """Hook: `count` flow-controlled messages went out."""
 
-    async def _wait_credit(self, arrived: trio.Event) -> None:
+    async def _wait_credit(self, arrived: anyio.Event) -> None:
         await arrived.wait()
 
     def _credit_arrived(self) -> None:
         self._credit.set()
-        self._credit = trio.Event()
+        self._credit = anyio.Event()
 
     async def release(self, stream_id: int, n: int) -> None:
         """The application is done with n flow-controlled bytes: grant them back."""
@@ -414,23 +506,23 @@ class _Endpoint:
 
     async def _send_goodbye(self, code: ErrorCode, reason: str = "") -> None:
         """GOODBYE under a shield with a short deadline; never raises."""
-        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+        with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
             async with self._send_lock:
                 if self.conn.state not in (State.OPEN, State.REMOTE_CLOSING) or self._send_broken:
                     return
                 try:
                     await self._write(self.conn.send(Goodbye(code=int(code), reason=reason), 0))
-                except (trio.BrokenResourceError, trio.ClosedResourceError, LocalApiError):
+                except (*TRANSPORT_ERRORS, LocalApiError):
                     pass
 
     async def _send_failure(self, exc: RemoteProtocolError) -> None:
         data = self.conn.failure_bytes(exc)
-        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+        with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
             async with self._send_lock:
                 if not self._send_broken:
                     try:
                         await self._write(data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, LocalApiError):
+                    except (*TRANSPORT_ERRORS, LocalApiError):
                         pass
 
 

@@ -19,6 +19,8 @@ the client. The server answers on that stream and forgets it:
     REF_APPEND      -> ACK(context id, update ids) once the delta is stored on
                        the ref's value and the ref moved, atomically; or ERROR
                        (BAD_REQUEST: bad name, ref in conflict, unknown atom)
+    RESOLVE         -> RESOLVED(id) for an id, ref name or unique prefix; or
+                       ERROR (NOT_FOUND; BAD_REQUEST: not one, or ambiguous)
     PING -> PONG and GOODBYE -> GOODBYE, on stream 0.
 
 A client abandons a stream by sending ERROR (code NO_ERROR) on it; the
@@ -35,6 +37,7 @@ import stat
 from datetime import datetime, timezone
 from typing import Any
 
+import anyio
 import attrs
 import trio
 
@@ -71,6 +74,8 @@ from sync.messages import (
     RefsRequest,
     RefsResponse,
     RefsWatch,
+    Resolve,
+    Resolved,
     StatusRequest,
     StatusResponse,
     StreamChunk,
@@ -109,6 +114,7 @@ from daemon.endpoint import (
     read_ref_values,
     read_refs,
     ref_value_to_json,
+    resolve_context_id,
 )
 from daemon.client import ChunkStream, LocalClient, RefChange, RefWatch
 
@@ -310,6 +316,7 @@ _HANDLERS = {
     RefSet: "_ref_set",
     RefsRequest: "_refs",
     RefsWatch: "_watch",
+    Resolve: "_resolve",
 }
 
 
@@ -623,7 +630,7 @@ class _Session(_Endpoint):
     def _sent_flow(self, count: int) -> None:
         self.chunks_sent += count
 
-    async def _wait_credit(self, arrived: trio.Event) -> None:
+    async def _wait_credit(self, arrived: anyio.Event) -> None:
         self.waiting_for_credit += 1
         try:
             await arrived.wait()
@@ -670,6 +677,11 @@ class _Session(_Endpoint):
         if len(items) > MAX_REFS_PER_MESSAGE:
             raise LocalApiError(ErrorCode.LIMIT_EXCEEDED, f"{len(items)} refs, over {MAX_REFS_PER_MESSAGE} per message")
         return RefsResponse(refs=tuple(items))
+
+    async def _resolve(self, stream_id: int, request: Resolve, _req: _Request) -> Resolved:
+        node = self.node
+        context_id, _value = await node.run_sync(resolve_context_id, node.store, request.text)
+        return Resolved(id=bytes.fromhex(context_id))
 
     async def _watch(self, stream_id: int, request: RefsWatch, progress: _Request) -> None:
         """REFS_RESPONSE with the watched refs now, then REF_CHANGED per real

@@ -28,7 +28,7 @@ def resolve_home(explicit: str | os.PathLike | None) -> Path:
 
 @attrs.frozen
 class HomePaths:
-    root: Path
+    root: Path = attrs.field(converter=Path)  # a str or any PathLike is taken too
 
     @property
     def store(self) -> Path:

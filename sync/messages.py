@@ -57,6 +57,9 @@ MAX_WATCH_NAMES = 1024
 # Atoms one REF_APPEND may remove: a forget of that many at once is far
 # beyond what a tool asks; 2 MiB of ids, well inside one message.
 MAX_APPEND_REMOVALS = 65536
+# Characters of RESOLVE's text: a ref name (sync.refs bounds it) or at most
+# a full id of 64 hex digits, whichever is longer.
+MAX_RESOLVE_TEXT = max(MAX_REF_NAME_BYTES, 64)
 ID_BYTES = 32
 
 
@@ -71,6 +74,7 @@ class MessageType(enum.IntEnum):
     REFS_REQUEST = 0x07
     REFS_WATCH = 0x08
     REF_APPEND = 0x09
+    RESOLVE = 0x0A
     # sync, both ways
     HELLO = 0x10
     ROOT = 0x11
@@ -90,6 +94,7 @@ class MessageType(enum.IntEnum):
     STATUS_RESPONSE = 0x86
     REFS_RESPONSE = 0x87
     REF_CHANGED = 0x88
+    RESOLVED = 0x89
     ERROR = 0xFF
 
 
@@ -461,11 +466,29 @@ class RefAppend:
     removed_hashes: tuple[bytes, ...] = attrs.field(default=(), validator=_ids(MAX_APPEND_REMOVALS))
     metadata: dict[str, Any] = attrs.field(factory=dict)
 
+@_frozen
+class Resolve:
+    """The context id that `text` names, as the CLI reads an ID: a full id
+    (held as a context), a ref that exists (its value, the winner if in
+    conflict), or a unique prefix of 4+ hex digits of a context id.
+    Answered by RESOLVED, or ERROR: NOT_FOUND, BAD_REQUEST (not an id, ref
+    name or prefix; an ambiguous prefix, its candidates named)."""
+
+    TYPE: ClassVar = MessageType.RESOLVE
+    text: str = attrs.field(validator=_max_len(MAX_RESOLVE_TEXT))
+
+
+@_frozen
+class Resolved:
+    TYPE: ClassVar = MessageType.RESOLVED
+    id: bytes = attrs.field(validator=_id)
+
+
 Message = (
     Hello | Root | Credit | Ping | Pong | Goodbye | Error | Reconcile | Want | Objects | Ack
     | PushContext | ExpandRequest | ExpandResponse | StreamRequest | StreamChunk | StreamEnd
     | QueryRequest | QueryResponse | StatusRequest | StatusResponse | RefSet | RefsRequest | RefsResponse
-    | RefsWatch | RefChanged | RefAppend
+    | RefsWatch | RefChanged | RefAppend | Resolve | Resolved
 )
 
 MESSAGE_CLASSES: dict[MessageType, type] = {cls.TYPE: cls for cls in Message.__args__}

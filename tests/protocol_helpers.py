@@ -44,6 +44,8 @@ from sync.messages import (
     RefsRequest,
     RefsResponse,
     RefsWatch,
+    Resolve,
+    Resolved,
     StreamChunk,
     StreamEnd,
     StreamRequest,
@@ -269,6 +271,8 @@ MESSAGE_STRATEGIES = {
         RefChanged, name=st.text(max_size=200), old=_optional(ids), new=_optional(ids), conflict=st.booleans(),
         candidates=_tuples(ids, 4),
     ),
+    MessageType.RESOLVE: st.builds(Resolve, text=st.text(max_size=200)),
+    MessageType.RESOLVED: st.builds(Resolved, id=ids),
 }
 
 any_message = st.one_of(*MESSAGE_STRATEGIES.values())

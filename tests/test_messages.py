@@ -48,6 +48,8 @@ from sync.messages import (
     RefsRequest,
     RefsResponse,
     RefsWatch,
+    Resolve,
+    Resolved,
     Root,
     StatusRequest,
     StatusResponse,
@@ -105,6 +107,8 @@ EXAMPLES = {
     MessageType.REFS_WATCH: RefsWatch(names=("main", "projects/x")),
     MessageType.REF_CHANGED: RefChanged(name="main", old=ID1, new=ID2, conflict=True, candidates=(ID1, ID2)),
     MessageType.REF_APPEND: RefAppend(name="main", delta_atoms=(ATOM,), removed_hashes=(ID2,), metadata={"message": "m"}),
+    MessageType.RESOLVE: Resolve(text="3f0c"),
+    MessageType.RESOLVED: Resolved(id=ID1),
 }
 
 
@@ -312,7 +316,7 @@ ID_FIELDS = [
     (MessageType.STREAM_REQUEST, "id", False), (MessageType.QUERY_REQUEST, "id", False),
     (MessageType.REF_SET, "target", False),
     (MessageType.REF_CHANGED, "old", False), (MessageType.REF_CHANGED, "new", False),
-    (MessageType.REF_CHANGED, "candidates", True),
+    (MessageType.REF_CHANGED, "candidates", True), (MessageType.RESOLVED, "id", False),
 ]
 
 
@@ -340,6 +344,7 @@ def test_ids_of_the_wrong_length_are_decode_errors(msg_type, name, many, length)
         (MessageType.REFS_RESPONSE, ("refs",), {}, MAX_REFS_PER_MESSAGE),
         (MessageType.REF_CHANGED, ("name",), "n", 200),
         (MessageType.REF_CHANGED, ("candidates",), ID1, MAX_IDS_PER_MESSAGE),
+        (MessageType.RESOLVE, ("text",), "t", 200),
     ],
     ids=lambda v: getattr(v, "name", None) or (v[0] if isinstance(v, tuple) else None),
 )
