@@ -28,6 +28,8 @@ from daemon.localapi import LocalClient
 from daemon.paths import HomePaths
 from process_helpers import Cluster, Daemon, ctxfs, quick_status, wait_until
 
+# Distinct words in the filler contexts.
+VOCABULARY = 5000
 # How long A may take to notice the full disk, and to converge after space returns.
 FULL_BOUND = 120.0
 RESUME_BOUND = 120.0
@@ -81,7 +83,11 @@ def _one_run(options, number: int) -> dict:
         [kept] = trio.run(_push, home_a, [context(f"kept on A, run {number}")])
         b = cluster.daemon(f"b{number}", peers=[a])
         rng = random.Random(number)
-        filler = [context(" ".join(f"w{rng.getrandbits(40):x}" for _ in range(options.context_kb * 1024 // 12)))
+        # Words from a vocabulary, as text has them: random unique tokens
+        # would make the full-text index several times the text (every
+        # word a term of its own) and no realistic disk would fit it.
+        vocabulary = [f"w{rng.getrandbits(24):x}" for _ in range(VOCABULARY)]
+        filler = [context(" ".join(rng.choice(vocabulary) for _ in range(options.context_kb * 1024 // 8)))
                   for _ in range(options.contexts)]
         b_ids = trio.run(_push, b.home, filler)
         wait_until(lambda: (quick_status(home_a) or {}).get("store_error") == "disk full", FULL_BOUND,
