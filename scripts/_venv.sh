@@ -5,6 +5,11 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 extra="${1:-}"
 stamp="$venv/.installed${extra:+-$extra}"
+# The test extra is a superset: a venv built for the tests serves the
+# plain commands too (no second install, e.g. scripts/ctxfs run by a test).
+if [ -z "$extra" ] && [ -f "$venv/.installed-test" ] && [ ! "$root/pyproject.toml" -nt "$venv/.installed-test" ]; then
+    stamp="$venv/.installed-test"
+fi
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
     python="${PYTHON:-python3}"
     "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \

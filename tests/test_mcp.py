@@ -266,3 +266,25 @@ async def test_four_servers_remembering_at_once_lose_nothing(cluster, with_daemo
         f"writer {w} fact {i}" for w in range(writers) for i in range(facts))
     assert len(history) == writers * facts  # one chain: every write built on the one before
     assert "conflict" not in ctxfs(home, "ref", "list").stdout
+
+
+async def test_the_readme_mcp_configuration_starts_a_working_server(cluster):  # noqa: F811
+    """The `mcpServers` block of README.md, as a user would paste it, with
+    this checkout's `scripts/ctxfs` and a test home in place of the paths."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"```json\n(\{\s*\"mcpServers\".*?)\n```", readme, re.S)
+    assert block, "README.md has no mcpServers block"
+    entry = json.loads(block.group(1))["mcpServers"]["ctxfs"]
+    assert entry["command"].endswith("/scripts/ctxfs") and "mcp" in entry["args"]
+    home = cluster.home("readme")
+    args = [str(home) if arg.endswith("contextfs") else arg for arg in entry["args"]]
+    script = Path(__file__).resolve().parent.parent / "scripts" / "ctxfs"
+    params = StdioServerParameters(command=str(script), args=args)
+    async with Client(params, mode="legacy", read_timeout_seconds=120) as client:
+        assert TOOLS <= {tool.name for tool in (await client.list_tools()).tools}
+        remembered = ok(await client.call_tool("remember", {"facts": ["configured from the README"]}))
+        recalled = ok(await client.call_tool("recall", {"text": "README"}))
+        assert [a["content"] for a in recalled["atoms"]] == ["configured from the README"]
+        assert remembered
