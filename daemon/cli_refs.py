@@ -10,6 +10,8 @@ way (JSON keys sorted: the wire's maps come in canonical key order) (docs/protoc
 
 from __future__ import annotations
 
+import contextlib
+
 import argparse
 import json
 from collections.abc import Callable
@@ -55,8 +57,24 @@ def write_ref(home: HomePaths, store: SQLiteContextStore, name: str, target: str
 
     ids = _via_daemon(home, work)
     if ids is _NO_DAEMON:
-        ids = store.put_ref_updates(_local_updates(home, store, name, target))
+        with _offline_writer(home) as fresh:
+            ids = fresh.put_ref_updates(_local_updates(home, fresh, name, target))
     return ids
+
+
+@contextlib.contextmanager
+def _offline_writer(home: HomePaths):
+    """A store for one offline ref write, under the home's ref lock (the one
+    offline MCP servers take too), opened inside it: a store read earlier
+    may hold ref values another process has since moved on from."""
+    from daemon.memory import ref_lock
+
+    with ref_lock(home):
+        store = SQLiteContextStore(home.store)
+        try:
+            yield store
+        finally:
+            store.close()
 
 
 def _read(home: HomePaths, store: SQLiteContextStore, name: str | None, log: bool = False) -> list[dict]:
@@ -201,9 +219,10 @@ def push_to_ref(home: HomePaths, store: SQLiteContextStore, contexts: list[Compr
         warn_if_conflict(value)
     ids = _push_via_daemon(home, store, contexts, ref=name)
     if ids is None:
-        blobs = [encode_context(ctx) for ctx in contexts]
-        blobs += [encode_update(u) for u in _local_updates(home, store, name, last)]
-        ids = store.put_encoded(blobs)[: len(contexts)]
+        with _offline_writer(home) as fresh:
+            blobs = [encode_context(ctx) for ctx in contexts]
+            blobs += [encode_update(u) for u in _local_updates(home, fresh, name, last)]
+            ids = fresh.put_encoded(blobs)[: len(contexts)]
     return ids
 
 

@@ -76,7 +76,11 @@ _CHUNK = 500
 
 def match_expression(text: str) -> str:
     """The FTS5 query for `text`: each whitespace-separated piece a quoted
-    phrase, joined by OR. Never FTS syntax, whatever `text` holds."""
+    phrase, joined by OR. Never FTS syntax, whatever `text` holds: control
+    characters (a NUL ends FTS5's string) count as spaces, and what does
+    not encode as UTF-8 (lone surrogates) is dropped."""
+    text = "".join(" " if ord(c) < 0x20 or c == "\x7f" else c for c in text)
+    text = text.encode("utf-8", "ignore").decode("utf-8")
     return " OR ".join('"' + piece.replace('"', '""') + '"' for piece in text.split())
 
 
@@ -196,10 +200,13 @@ def fsck_context(read: Callable[[str, tuple], list], context_id: str, ctx: Compr
 def search(db: sqlite3.Connection, text: str) -> dict[str, float]:
     """Atom id -> bm25 (lower is better) of every indexed atom matching
     `text`: one FTS query, whatever the number of atoms."""
+    expression = match_expression(text)
+    if not expression:
+        return {}  # nothing left to match (only punctuation, controls...)
     rows = db.execute(
         "SELECT i.hash, bm25(atom_text) FROM atom_text JOIN atom_text_ids i ON i.id = atom_text.rowid"
         " WHERE atom_text MATCH ?",
-        (match_expression(text),),
+        (expression,),
     )
     return {raw.hex(): rank for raw, rank in rows}
 

@@ -113,7 +113,8 @@ def test_atoms_carried_by_many_contexts_are_indexed_once(sqlite_store, db_path):
 
 
 @pytest.mark.parametrize(
-    "text", ['"', '""', "*", "OR", "AND NOT", "NEAR(a b)", "python*", "^python", "col:python", "a OR", "(", "\\", "'"]
+    "text", ['"', '""', "*", "OR", "AND NOT", "NEAR(a b)", "python*", "^python", "col:python", "a OR", "(", "\\", "'",
+             "\x00", "py\x00thon", "x\ud800", "\x1b[31m"]
 )
 def test_fts_syntax_in_text_is_only_text(any_store, text):
     any_store.put(FACTS)
