@@ -15,17 +15,16 @@ import contextlib
 import argparse
 import json
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import TextIO
 
-from daemon import localapi, security
+from daemon import localapi
 from daemon.cli import _NO_DAEMON, CliError, _open_store, _push_via_daemon, _via_daemon, resolve_id, warn_if_conflict
 from daemon.endpoint import read_refs
 from daemon.paths import HomePaths
 from sync.codec import encode_context
 from sync.errors import ErrorCode
 from sync.model import CompressedContext, is_id
-from sync.refs import RefTable, check_ref_name, encode_update, updates_for_write
+from sync.refs import check_ref_name, encode_update
 from sync.store import MissingBase, SQLiteContextStore
 
 
@@ -42,11 +41,10 @@ def ref_name(text: str) -> str:
 
 
 def _local_updates(home: HomePaths, store: SQLiteContextStore, name: str, target: str | None) -> list:
-    """The update(s) this home's node writes to set (or delete) `name`, signed
-    with its node key, superseding the frontier the store holds."""
-    key = security.read_node_key(home.node_key)
-    table = RefTable(store.ref_frontier(name))
-    return updates_for_write(table=table, name=name, target=target, key=key, time=datetime.now(timezone.utc))
+    """The update(s) this home's node writes to set (or delete) `name` (daemon.memory does the signing)."""
+    from daemon.memory import signed_ref_updates
+
+    return signed_ref_updates(home, store, name, target)
 
 
 def write_ref(home: HomePaths, store: SQLiteContextStore, name: str, target: str | None) -> list[str]:

@@ -311,7 +311,7 @@ async def send_and_close(stream: trio.abc.Stream, data: bytes) -> None:
             await stream.send_all(data)
             while await stream.receive_some(64 * 1024):
                 pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except (*TRANSPORT_ERRORS, OSError):
             pass
     await trio.aclose_forcefully(stream)
 

@@ -28,11 +28,16 @@ from mcp.shared.exceptions import MCPError
 
 from daemon.memory import Memory, ToolError
 from daemon.paths import HomePaths
+from sync import refs
 
 log = logging.getLogger(__name__)
 
 URI_PREFIX = "ctxfs://ref/"
 _REF = {"type": "string", "description": "The ref (named memory, e.g. `main` or `projects/x`) to use. Default: {ref}."}
+
+# Resources one client may subscribe to: every subscription is a set entry
+# held for the session's life.
+MAX_SUBSCRIPTIONS = 1024
 
 
 def _schema(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -219,7 +224,11 @@ class McpServer:
     def _ref_of(self, uri: str) -> str:
         if not uri.startswith(URI_PREFIX) or len(uri) == len(URI_PREFIX):
             raise MCPError(types.INVALID_PARAMS, f"not a ctxfs resource: {uri!r:.200} (expected {URI_PREFIX}NAME)")
-        return uri[len(URI_PREFIX):]
+        name = uri[len(URI_PREFIX):]
+        try:
+            return refs.check_ref_name(name)
+        except ValueError as exc:
+            raise MCPError(types.INVALID_PARAMS, str(exc)) from None
 
     async def _read_resource(self, ctx: ServerRequestContext,
                              params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
@@ -233,6 +242,8 @@ class McpServer:
 
     async def _subscribe(self, ctx: ServerRequestContext, params: types.SubscribeRequestParams) -> types.EmptyResult:
         self._ref_of(str(params.uri))
+        if str(params.uri) not in self._subscribed and len(self._subscribed) >= MAX_SUBSCRIPTIONS:
+            raise MCPError(types.INVALID_PARAMS, f"at most {MAX_SUBSCRIPTIONS} resources may be subscribed at once")
         self._session = ctx.session
         self._subscribed.add(str(params.uri))
         return types.EmptyResult()

@@ -224,12 +224,19 @@ def append_offline(paths: HomePaths, name: str, atoms: list[MemoryAtom], removed
     """What the daemon's append_to_ref does, done here (blocking): the new context id."""
     with ref_lock(paths), open_store(paths) as store:
         context = build_append(store, ExpanderFunctor(store), name, atoms, removed, metadata)
-        key = security.read_node_key(paths.node_key)
-        table = refs.RefTable(store.ref_frontier(name))
-        updates = refs.updates_for_write(table=table, name=name, target=context.id, key=key,
-                                         time=datetime.now(timezone.utc))
+        updates = signed_ref_updates(paths, store, name, context.id)
         store.put_encoded([encode_context(context)] + [refs.encode_update(u) for u in updates])
         return context.id
+
+
+def signed_ref_updates(paths: HomePaths, store: SQLiteContextStore, name: str,
+                       target: str | None) -> list[refs.RefUpdate]:
+    """The update(s) this home's node writes, offline, to set (None: delete)
+    ref `name`: signed with its node key, superseding the frontier `store`
+    holds. Take ref_lock around reading it and storing them."""
+    key = security.read_node_key(paths.node_key)
+    table = refs.RefTable(store.ref_frontier(name))
+    return refs.updates_for_write(table=table, name=name, target=target, key=key, time=datetime.now(timezone.utc))
 
 
 def _offline_value(store: SQLiteContextStore, name: str) -> refs.RefValue:
@@ -300,10 +307,7 @@ class DaemonLink:
         """Tell what changed while we were not watching (offline until now)."""
         now = {r["name"]: (r["target"], tuple(r["candidates"])) for r in snapshot}
         known, self._known = self._known, None
-        if known is not None:
-            for name in sorted(set(now) | set(known)):
-                if now.get(name) != known.get(name):
-                    await self._on_ref_changed(name)
+        await self._tell_changes(known, now)
 
     async def _poll_offline(self) -> None:
         if not self.paths.is_initialised():
@@ -314,10 +318,15 @@ class DaemonLink:
             log.info("cannot read the store: %s", exc)
             return
         known, self._known = self._known, now
-        if known is not None:
-            for name in sorted(set(now) | set(known)):
-                if now.get(name) != known.get(name):
-                    await self._on_ref_changed(name)
+        await self._tell_changes(known, now)
+
+    async def _tell_changes(self, known: dict[str, tuple] | None, now: dict[str, tuple]) -> None:
+        """Call on_ref_changed for every ref whose value differs (none the first time)."""
+        if known is None:
+            return
+        for name in sorted(set(now) | set(known)):
+            if now.get(name) != known.get(name):
+                await self._on_ref_changed(name)
 
     def _read_values(self) -> dict[str, tuple]:
         with open_store(self.paths) as store:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import heapq
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from daemon.logs import RateLimitedLog
 from daemon.paths import HomePaths
 from sync import refs
 from sync.append import build_append
-from sync.codec import bytes_id, encode_context
+from sync.codec import encode_context
 from sync.expand import ExpanderFunctor
 from sync.idset import IdSet
 from sync.messages import Hello, make_hello
@@ -133,7 +134,7 @@ class Node:
         """
         if self.store_error is not None and trio.current_time() < self._store_retry_at:
             raise StoreUnavailable(f"{self.store_error} (receiving is paused)", disk_full=False)
-        new_refs = [b for b in blobs if refs.is_ref_update_bytes(b) and not self.holds(bytes.fromhex(bytes_id(b)))]
+        ref_positions = [k for k, blob in enumerate(blobs) if refs.is_ref_update_bytes(blob)]
         try:
             ids = await self.run_sync(self.store.put_encoded, blobs)
         except StoreUnavailable as exc:
@@ -141,6 +142,8 @@ class Node:
             raise
         if self.store_error is not None:
             self._store_recovered()
+        # Ids come back one per blob, in order: no second hash to tell which are new.
+        new_refs = [blobs[k] for k in ref_positions if not self.holds(bytes.fromhex(ids[k]))]
         self._pending_ids.update(bytes.fromhex(i) for i in ids)
         stale = trio.current_time() - self._pending_since > MAX_INDEX_DELAY
         if not self._reconciling or stale:
@@ -241,11 +244,9 @@ class Node:
                 self._ref_conflicts.discard(name)
 
     async def _load_ref_summary(self) -> None:
-        def read() -> dict[str, refs.RefValue | None]:
-            table = self.store.ref_table()
-            return {name: table.value(name) for name in table.names()}
+        from daemon.endpoint import read_ref_values
 
-        self._update_ref_summary(await self.run_sync(read))
+        self._update_ref_summary(await self.run_sync(read_ref_values, self.store, None))
 
     async def _track_refs(self) -> None:
         """Keep status's ref summary current: one store-thread hop per batch
@@ -383,7 +384,7 @@ class Node:
             "objects": len(self.index),
             "store_error": self.store_error,
             "refs": len(self._ref_names),
-            "conflicts": sorted(self._ref_conflicts)[:MAX_STATUS_CONFLICTS],
+            "conflicts": heapq.nsmallest(MAX_STATUS_CONFLICTS, self._ref_conflicts),
             "peers": sorted(rows.values(), key=lambda r: r["address"]),
         }
 
