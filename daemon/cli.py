@@ -11,6 +11,7 @@ import io
 import json
 import sqlite3
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -189,9 +190,10 @@ def _push_via_daemon(home: HomePaths, store: SQLiteContextStore, contexts: list[
                      ref: str | None = None) -> list[str] | None:
     """Push through the running daemon so its peers learn at once; None if none runs.
 
-    The daemon commits each context on its own; to keep `push` all-or-nothing
-    the bases are checked against the store before anything is sent. With
-    `ref`, the daemon then points that ref at the last context.
+    The daemon commits the whole push in one transaction (an interrupted
+    push leaves nothing); bases are checked against the store first so a
+    missing one is named before anything is sent. With `ref`, the daemon
+    then points that ref at the last context.
     """
 
     async def work(client: localapi.LocalClient) -> list[str]:
@@ -200,20 +202,41 @@ def _push_via_daemon(home: HomePaths, store: SQLiteContextStore, contexts: list[
             if ctx.base_hash is not None and ctx.base_hash not in known and not store.has(ctx.base_hash):
                 raise MissingBase(ctx.id, ctx.base_hash)
             known.add(ctx.id)
-        ids = []
-        for ctx in contexts:
-            try:
-                ids += await client.push([ctx])
-            except localapi.LocalApiError as exc:
-                if exc.code is ErrorCode.MISSING_BASE:
-                    raise MissingBase(ctx.id, ctx.base_hash) from None
-                raise
+        progress = _PushProgress(sys.stderr)
+        try:
+            ids = await client.push(contexts, progress=progress)
+        finally:
+            progress.done()
         if ref is not None:
             await client.ref_set(ref, ids[-1])
         return ids
 
     ids = _via_daemon(home, work)
     return None if ids is _NO_DAEMON else ids
+
+
+class _PushProgress:
+    """A progress line on a terminal for a push that takes a while."""
+
+    AFTER_SECONDS = 2.0  # quick pushes print nothing
+    EVERY_SECONDS = 0.25
+
+    def __init__(self, err: TextIO) -> None:
+        self._err = err if err.isatty() else None
+        self._start = time.monotonic()
+        self._shown_at = 0.0
+
+    def __call__(self, sent: int, total: int) -> None:
+        now = time.monotonic()
+        if self._err is None or now - self._start < self.AFTER_SECONDS or now - self._shown_at < self.EVERY_SECONDS:
+            return
+        self._shown_at = now
+        state = "committing" if sent == total else "sending"
+        print(f"\rpush: {state} {sent:,}/{total:,} contexts", end="", file=self._err, flush=True)
+
+    def done(self) -> None:
+        if self._err is not None and self._shown_at:
+            print("\r\033[K", end="", file=self._err, flush=True)
 
 
 def cmd_push(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:

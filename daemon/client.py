@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -66,6 +66,7 @@ from daemon.endpoint import (
     LocalApiError,
     MIN_ID_PREFIX,
     TRANSPORT_ERRORS,
+    _Abandoned,
     _Endpoint,
     _socket_path,
     _sole,
@@ -75,6 +76,11 @@ from daemon.endpoint import (
 # --------------------------------------------------------------------------
 # the client
 # --------------------------------------------------------------------------
+
+# Bytes of PUSH_CONTEXT messages handed to one send: a quarter of the
+# daemon's stream window, so a write carries real work and credit coming
+# back keeps the pipe full.
+PUSH_GROUP_BYTES = 4 * 1024 * 1024
 
 
 class _ByteStream:
@@ -252,6 +258,8 @@ class LocalClient(_Endpoint):
                     inbox = self._inboxes.get(stream_id)
                     if inbox is not None:
                         inbox.put(event)
+                        if isinstance(message, Error):
+                            self._credit_arrived()  # a sender waiting on that stream stops
         except RemoteProtocolError as exc:
             error = ConnectionLost(exc.code, f"the daemon broke the protocol: {exc.message}")
             await self._send_failure(exc)
@@ -325,26 +333,64 @@ class LocalClient(_Endpoint):
             lost = self._lost or ConnectionLost(ErrorCode.INTERNAL, "the daemon closed the connection")
             raise type(lost)(lost.code, lost.message) from None
 
-    async def push(self, contexts: Sequence[CompressedContext | dict]) -> list[str]:
-        """Store contexts through the daemon, in order; each is committed
-        before the next is sent. Each is a CompressedContext or an
-        interchange-JSON dict (what `ctxfs push` reads); all are checked
-        before any is sent, so a bad one (DecodeError naming its field)
-        stores nothing."""
+    async def push(
+        self,
+        contexts: Sequence[CompressedContext | dict],
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
+        """Store contexts through the daemon, all or nothing; their ids, in order.
+
+        Each is a CompressedContext or an interchange-JSON dict (what
+        `ctxfs push` reads); all are checked before any is sent, so a bad
+        one (DecodeError naming its field) stores nothing. The push is one
+        stream, sent as the daemon's window allows and committed by it in
+        one transaction once whole; if this call fails or is cancelled
+        before the ACK, nothing of it is stored. `progress(sent, total)` is
+        called as contexts go out.
+        """
         if isinstance(contexts, (dict, CompressedContext)):
             raise TypeError("push takes a list of contexts (CompressedContext or interchange-JSON dicts)")
-        ids = []
-        for context in [_as_context(c, i) for i, c in enumerate(contexts)]:
-            message = PushContext(context=encode_context(context))
-            stream_id, inbox = self._open()
-            try:
-                await self._sending(self.send_flow([(message, len(encode_payload(message)))], stream_id))
-                ack = _expect(await inbox.get(), Ack)
-            finally:
-                self._forget(stream_id)
-            if [i.hex() for i in ack.ids] != [context.id]:
-                raise LocalApiError(ErrorCode.INTERNAL, f"the daemon acknowledged {[i.hex() for i in ack.ids]}, not {context.id}")
-            ids.append(context.id)
+        checked = [_as_context(c, i) for i, c in enumerate(contexts)]
+        if not checked:
+            return []
+        last = len(checked) - 1
+        stream_id, inbox = self._open()
+        acked = False
+        try:
+            start = 0
+            while start <= last:
+                # Enough messages per send to fill a good part of a window
+                # in one write, few enough that progress moves.
+                group, size = [], 0
+                for k in range(start, last + 1):
+                    message = PushContext(context=encode_context(checked[k]), more=k < last)
+                    group.append((message, len(encode_payload(message))))
+                    size += group[-1][1]
+                    if size >= PUSH_GROUP_BYTES:
+                        break
+                try:
+                    # An early answer is the daemon's refusal: stop sending.
+                    await self._sending(self.send_flow(group, stream_id, abandoned=lambda: bool(inbox.items)))
+                except _Abandoned:
+                    _expect(await inbox.get(), Ack)
+                    raise LocalApiError(ErrorCode.PROTOCOL_ERROR, "the daemon acknowledged a push before its end") from None
+                start += len(group)
+                if progress is not None:
+                    progress(start, len(checked))
+            ids: list[str] = []
+            while len(ids) < len(checked):
+                ids += (i.hex() for i in _expect(await inbox.get(), Ack).ids)
+            acked = True
+        finally:
+            if not acked and stream_id in self._inboxes and self._lost is None:
+                # Given up before the commit (cancelled, or an error here):
+                # the daemon drops what it spooled.
+                await self.abandon(stream_id, "push abandoned")
+            self._forget(stream_id)
+        expected = [c.id for c in checked]
+        if ids != expected:
+            raise LocalApiError(ErrorCode.INTERNAL, f"the daemon acknowledged {len(ids)} ids that are not the {len(expected)} pushed")
         return ids
 
     async def context_id(self, id_or_ref: str) -> bytes:

@@ -5,7 +5,9 @@ frames through the same sans-IO `Connection`: HELLO both ways first (a
 client's node id is 32 zero bytes), then one request per stream, opened by
 the client. The server answers on that stream and forgets it:
 
-    PUSH_CONTEXT    -> ACK(ids) once committed, or ERROR
+    PUSH_CONTEXT    -> ACK(ids) once committed, or ERROR; a push of many is
+                       one stream, `more` on all but the last, committed
+                       whole in one transaction (daemon/pushes.py)
     EXPAND_REQUEST  -> EXPAND_RESPONSE, or ERROR (LIMIT_EXCEEDED: stream it)
     STREAM_REQUEST  -> STREAM_CHUNK... (flow-controlled) then STREAM_END, or ERROR
     QUERY_REQUEST   -> QUERY_RESPONSE, or ERROR
@@ -29,6 +31,7 @@ that made it. Store and expander are touched only through `node.run_sync`.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -116,6 +119,7 @@ from daemon.endpoint import (
     ref_value_to_json,
     resolve_context_id,
 )
+from daemon.pushes import ArrivingPush, PushRefused, Spool
 from daemon.client import ChunkStream, LocalClient, RefChange, RefWatch
 
 # The client lives in daemon/client.py; it is re-exported here so callers
@@ -357,6 +361,7 @@ class _Watch:
 class _Request:
     abandoned: bool = False
     watch: _Watch | None = None
+    push: ArrivingPush | None = None  # a push of many, until its last message
 
 
 class _Session(_Endpoint):
@@ -472,11 +477,23 @@ class _Session(_Endpoint):
                 request.abandoned = True
                 if request.watch is not None:
                     request.watch.wake()
+                if request.push is not None:
+                    request.push.wake()
                 self._credit_arrived()
         elif stream_id == 0:
             raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"{message.TYPE.name} needs a stream of its own")
         elif stream_id <= self._last_request_stream:
-            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"stream {stream_id} already carried a request")
+            request = self._requests.get(stream_id)
+            push = None if request is None else request.push
+            if not isinstance(message, PushContext):
+                raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"stream {stream_id} already carried a request")
+            if push is not None and not push.complete:
+                push.arrived(message, event.size)
+            else:
+                # Late: the push was refused, given up, or already complete.
+                # Dropped, its credit returned (section 4: late frames never
+                # fail a connection).
+                self._queue(self.conn.release(stream_id, event.size))
         else:
             self._last_request_stream = stream_id
             self._admit(event)
@@ -497,6 +514,13 @@ class _Session(_Endpoint):
                 code=int(ErrorCode.LIMIT_EXCEEDED),
                 message=f"more than {MAX_WATCHES_PER_CLIENT} ref watches open; abandon one first",
             )
+        elif isinstance(message, PushContext) and message.more:
+            # The first of a push of many: spooled as it comes, then
+            # committed whole, in the order of the pushes' last messages.
+            request = self._requests[stream_id] = _Request(push=ArrivingPush(Spool(self.node.paths.root)))
+            request.push.arrived(message, held)
+            self._nursery.start_soon(self._receive_push, stream_id, request)
+            return
         elif isinstance(message, (PushContext, RefAppend)):
             # Writes that carry atoms: committed in arrival order, credit
             # returned once stored.
@@ -548,15 +572,62 @@ class _Session(_Endpoint):
                 reply = await self._commit(message)
                 # Credit goes back only now, after the commit: an ACK and the
                 # freed window both mean "durably stored".
+                if isinstance(reply, list):  # a push of many: its ids, in ACKs that fit
+                    for ack in reply[:-1]:
+                        await self.send(ack, stream_id)
+                    reply = reply[-1]
                 await self.send(reply, stream_id, close=True, release=size)
             except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError):
                 self._on_broken()
                 return
             finally:
+                if isinstance(message, Spool):
+                    message.close()
                 self._requests.pop(stream_id, None)
 
-    async def _commit(self, message: PushContext | RefAppend) -> Ack | Error:
+    async def _receive_push(self, stream_id: int, request: _Request) -> None:
+        """Spool a push of many as it arrives, returning credit as it is
+        written; once whole, queue it for the commit."""
+        push = request.push
         try:
+            while not request.abandoned:
+                blobs, size = push.take()
+                if blobs:
+                    await trio.to_thread.run_sync(push.spool.write, blobs)
+                    if push.complete and not push.waiting:
+                        # The last message's credit goes back with the ACK.
+                        request.push = None
+                        self._push_send.send_nowait((stream_id, push.spool, size))
+                        return
+                    await self.release(stream_id, size)
+                await push.wait()
+            # The client gave up: nothing of it is stored. What arrived
+            # and waits is credited back; what is still coming is dropped.
+            push.spool.close()
+            rest = push.take()[1]
+            if rest:
+                await self.release(stream_id, rest)
+            self.conn.close_stream(stream_id)
+            self._requests.pop(stream_id, None)
+        except (PushRefused, OSError) as exc:
+            push.spool.close()
+            request.push = None
+            reply = _error_reply(StoreUnavailable(str(exc), disk_full=exc.errno == errno.ENOSPC)
+                                 if isinstance(exc, OSError) else exc)
+            with contextlib.suppress(ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError):
+                # Closing the stream drops (and credits back) what is still coming.
+                await self.send(reply, stream_id, close=True, release=size + push.take()[1])
+            self._requests.pop(stream_id, None)
+        except BaseException:
+            push.spool.close()
+            raise
+
+    async def _commit(self, message: PushContext | RefAppend | Spool) -> Ack | Error | list[Ack]:
+        try:
+            if isinstance(message, Spool):
+                ids = await self.node.add_batches(message.batches)
+                return [Ack(ids=tuple(bytes.fromhex(i) for i in ids[k:k + MAX_IDS_PER_MESSAGE]))
+                        for k in range(0, len(ids), MAX_IDS_PER_MESSAGE)]
             if isinstance(message, RefAppend):
                 context_id, update_ids = await self.node.append_to_ref(
                     message.name, message.delta_atoms, [h.hex() for h in message.removed_hashes], message.metadata)

@@ -14,7 +14,7 @@ import functools
 import heapq
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -132,25 +132,42 @@ class Node:
         written (receiving is paused, see _watch_store), MissingBase (or its
         MissingTarget) and DecodeError for objects that cannot be stored.
         """
+        ref_positions = [k for k, blob in enumerate(blobs) if refs.is_ref_update_bytes(blob)]
+        ids = await self._put(self.store.put_encoded, blobs)
+        # Ids come back one per blob, in order: no second hash to tell which are new.
+        new_refs = [blobs[k] for k in ref_positions if not self.holds(bytes.fromhex(ids[k]))]
+        self._stored(ids)
+        if new_refs:
+            # Stored and verified: decoding again is only unpacking.
+            self._refs_changed(sorted({refs.decode_update(b, verify=False).name for b in new_refs}))
+        return ids
+
+    async def add_batches(self, batches: Callable[[], Iterable[Sequence[bytes]]]) -> list[str]:
+        """Verify and store contexts (no ref updates) read from `batches()`
+        — called in a worker thread, so it may read a file — all in one
+        transaction; announce one new root. A whole push of the local API
+        (daemon/pushes.py). Raises as add_encoded."""
+        return self._stored(await self._put(lambda: self.store.put_encoded_batches(batches())))
+
+    async def _put(self, put: Callable, *args) -> list[str]:
         if self.store_error is not None and trio.current_time() < self._store_retry_at:
             raise StoreUnavailable(f"{self.store_error} (receiving is paused)", disk_full=False)
-        ref_positions = [k for k, blob in enumerate(blobs) if refs.is_ref_update_bytes(blob)]
         try:
-            ids = await self.run_sync(self.store.put_encoded, blobs)
+            ids = await self.run_sync(put, *args)
         except StoreUnavailable as exc:
             self._store_failed(exc)
             raise
         if self.store_error is not None:
             self._store_recovered()
-        # Ids come back one per blob, in order: no second hash to tell which are new.
-        new_refs = [blobs[k] for k in ref_positions if not self.holds(bytes.fromhex(ids[k]))]
+        return ids
+
+    def _stored(self, ids: list[str]) -> list[str]:
+        """Committed ids enter the index (and the root changes once) now, or
+        when the reconciliations in progress end."""
         self._pending_ids.update(bytes.fromhex(i) for i in ids)
         stale = trio.current_time() - self._pending_since > MAX_INDEX_DELAY
         if not self._reconciling or stale:
             self._apply_pending()
-        if new_refs:
-            # Stored and verified: decoding again is only unpacking.
-            self._refs_changed(sorted({refs.decode_update(b, verify=False).name for b in new_refs}))
         return ids
 
     # ------------------------------------------------------------ refs

@@ -295,8 +295,22 @@ class Ack:
 
 @_frozen
 class PushContext:
+    """One context of a push. A push of many is one stream: every message
+    but the last has `more`; the node commits the whole push in one
+    transaction when the last arrives, and ACKs its ids (in order, in ACKs
+    of at most MAX_IDS_PER_MESSAGE) once committed. An abandoned push
+    stores nothing."""
+
     TYPE: ClassVar = MessageType.PUSH_CONTEXT
     context: bytes
+    more: bool = False
+
+
+# A push of one context is sent as before `more` existed.
+codec.converter.register_unstructure_hook(
+    PushContext,
+    cattrs.gen.make_dict_unstructure_fn(PushContext, codec.converter, more=cattrs.gen.override(omit_if_default=True)),
+)
 
 
 @_frozen

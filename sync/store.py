@@ -21,7 +21,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -83,6 +83,7 @@ class ContextStore(Protocol):
     def put(self, ctx: CompressedContext) -> str: ...
     def put_many(self, contexts: Sequence[CompressedContext]) -> list[str]: ...
     def put_encoded(self, blobs: Sequence[bytes]) -> list[str]: ...
+    def put_encoded_batches(self, batches: Iterable[Sequence[bytes]]) -> list[str]: ...
     def put_ref_updates(self, updates: Sequence[RefUpdate]) -> list[str]: ...
     def get(self, context_id: str) -> CompressedContext: ...
     def get_bytes(self, context_id: str) -> bytes: ...
@@ -172,6 +173,10 @@ class InMemoryContextStore:
     def put_encoded(self, blobs: Sequence[bytes]) -> list[str]:
         """Store canonical bytes from outside, verified: the receive path."""
         return self._insert(_check_encoded(_decode_batch(blobs), self.has))
+
+    def put_encoded_batches(self, batches: Iterable[Sequence[bytes]]) -> list[str]:
+        """`put_encoded` of every batch, all or nothing (see the SQLite store)."""
+        return self.put_encoded([blob for batch in batches for blob in batch])
 
     def put_ref_updates(self, updates: Sequence[RefUpdate]) -> list[str]:
         """Store ref updates made here (by `refs.updates_for_write`), in order."""
@@ -387,19 +392,37 @@ class SQLiteContextStore:
         Contexts and ref updates may come mixed; all or nothing is stored."""
         return self._insert(_decode_batch(blobs))
 
+    def put_encoded_batches(self, batches: Iterable[Sequence[bytes]]) -> list[str]:
+        """`put_encoded` of every batch in one transaction: all or nothing.
+
+        For a put too large to decode at once (a whole push through the
+        daemon): each batch is verified and inserted in turn, and a later
+        batch may build on an earlier one (the transaction sees its own
+        rows). The batches may be read lazily, e.g. from a spool file.
+        """
+        return self._insert_batches(_decode_batch(blobs) for blobs in batches)
+
     def put_ref_updates(self, updates: Sequence[RefUpdate]) -> list[str]:
         """Store ref updates made here (by `refs.updates_for_write`), in order."""
         return self._insert(_encode_updates(updates))
 
     def _insert(self, pairs: Sequence[tuple[_Object, bytes]]) -> list[str]:
+        return self._insert_batches([pairs])
+
+    def _insert_batches(self, batches: Iterable[Sequence[tuple[_Object, bytes]]]) -> list[str]:
         # The lock spans the commit and the cache update: no reader sees
         # the table without an update the file holds.
+        order: list[str] = []
+        added: list[RefUpdate] = []
         with self._lock:
             with self._transaction():
-                contexts, updates, order = _check_encoded(pairs, self.has)
-                self._insert_contexts(contexts)
-                refstore.sqlite_insert(self._db, updates)
-            self._refs.added(u for _uid, u, _data in updates)
+                for pairs in batches:
+                    contexts, updates, ids = _check_encoded(pairs, self.has)
+                    self._insert_contexts(contexts)
+                    refstore.sqlite_insert(self._db, updates)
+                    order += ids
+                    added += (u for _uid, u, _data in updates)
+            self._refs.added(added)
         return order
 
     def _insert_contexts(self, batch: list[tuple[str, CompressedContext, bytes]]) -> None:

@@ -93,6 +93,12 @@ class FakeNode:
         self.pushed.append(ids)
         return ids
 
+    async def add_batches(self, batches) -> list[str]:
+        ids = await self.run_sync(lambda: self.store.put_encoded_batches(batches()))
+        self._objects = await self.run_sync(len, self.store)
+        self.pushed.append(ids)
+        return ids
+
     def status(self) -> dict:
         return {
             "schema": 2,
@@ -209,7 +215,7 @@ async def test_push_then_expand_round_trip(server, node, paths):
         async with LocalClient.connect(paths) as client:
             ids = await client.push([ROOT, CHILD])
             assert ids == [ROOT.id, CHILD.id]
-            assert node.pushed == [[ROOT.id], [CHILD.id]]
+            assert node.pushed == [[ROOT.id, CHILD.id]]  # one commit for the push
             response = await client.expand(CHILD.id)
     expected = ExpanderFunctor(node.store).expand(CHILD.id)
     assert response.atoms == expected.atoms
@@ -773,7 +779,7 @@ def test_cli_push_goes_through_the_daemon(home, tmp_path, run):
         code, out, err = run(home, "push", str(tmp_path / "in.jsonl"))
         assert (code, err) == (0, "")
         assert out.splitlines() == [ROOT.id, CHILD.id]
-        assert daemon.node.pushed == [[ROOT.id], [CHILD.id]]
+        assert daemon.node.pushed == [[ROOT.id, CHILD.id]]  # one transaction
 
 
 def test_cli_push_unknown_base_through_the_daemon_names_the_line_and_stores_nothing(home, tmp_path, run):
