@@ -39,6 +39,10 @@ def add_arguments(parser) -> None:
                         help=f"rounds of faults and writes before the heal (default {FAULT_ROUNDS})")
     parser.add_argument("--max-rounds", type=int, default=MAX_HEAL_ROUNDS,
                         help=f"heal rounds a seed may take to converge (default {MAX_HEAL_ROUNDS})")
+    parser.add_argument("--topology", choices=("cycles", "overlay"), default="cycles",
+                        help="two random Hamiltonian cycles (default), or the daemon's overlay rule")
+    parser.add_argument("--degree", type=int, default=8,
+                        help="with --topology overlay: peers each node dials (the daemon's max_peers)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="worker processes (default 1: the machine is shared; results do not depend on it)")
     parser.add_argument("--verbose", action="store_true", help="one line per seed")
@@ -74,7 +78,7 @@ def run(options) -> Outcome:
 
 def _map(options, nodes: int, seeds: range):
     """(result, failure) per seed, in seed order; in worker processes with --jobs > 1."""
-    settings = (options.fault_rounds, options.max_rounds)
+    settings = (options.fault_rounds, options.max_rounds, options.topology, options.degree)
     if options.jobs <= 1:
         return (_run_seed(nodes, seed, settings) for seed in seeds)
     pool = concurrent.futures.ProcessPoolExecutor(options.jobs)
@@ -82,17 +86,20 @@ def _map(options, nodes: int, seeds: range):
         return list(pool.map(_run_seed, [nodes] * len(seeds), seeds, [settings] * len(seeds)))
 
 
-def _run_seed(nodes: int, seed: int, settings: tuple[int, int]) -> tuple[SeedResult | None, str | None]:
+def _run_seed(nodes: int, seed: int, settings: tuple) -> tuple[SeedResult | None, str | None]:
     """One seed; a crash of the simulation is a failure with its traceback, not a stop."""
-    fault_rounds, max_rounds = settings
-    replay = f"scripts/chaos sim --seeds 1 --first-seed {seed} --nodes {nodes}"
+    fault_rounds, max_rounds, kind, degree = settings
+    replay = f"scripts/chaos sim --seeds 1 --first-seed {seed} --nodes {nodes} --topology {kind} --degree {degree}"
     try:
-        result = simulate(nodes, seed, fault_rounds=fault_rounds, max_heal_rounds=max_rounds)
+        result = simulate(nodes, seed, fault_rounds=fault_rounds, max_heal_rounds=max_rounds,
+                          topology_kind=kind, degree=degree)
     except Exception:  # noqa: BLE001 - reported with the seed that replays it
         return None, f"FAILED nodes={nodes} seed={seed}: simulation raised\n{traceback.format_exc()}  replay: {replay}"
     if result.ok:
         return result, None
     problems = []
+    if result.diameter is None:
+        problems.append("the topology is not connected")
     if not result.converged:
         problems.append(f"did not converge within {max_rounds} heal rounds")
     problems += [f"{k}={v}" for k, v in sorted(result.stats.items()) if k.startswith("anomaly_")]
@@ -106,15 +113,17 @@ def _percentile(values: list[int], fraction: float) -> int:
 
 
 _HEADER = (f"{'nodes':>5} {'seeds':>5} {'conv':>5} {'r_med':>5} {'r_p95':>5} {'r_max':>5} {'ctxs':>5} "
-           f"{'msgs/seed':>9} {'MB/seed':>7} {'dup%':>5} {'waits':>6} {'retry':>6} {'fails':>5} {'rstrt':>5} {'a-e':>4}")
-_LEGEND = ("conv: seeds converged; r_*: heal rounds to converge; ctxs: contexts written; msgs, MB: all "
+           f"{'diam':>4} {'msgs/seed':>9} {'MB/seed':>7} {'dup%':>5} {'waits':>6} {'retry':>6} {'fails':>5} {'rstrt':>5} {'a-e':>4}")
+_LEGEND = ("conv: seeds converged; r_*: heal rounds to converge; ctxs: contexts written; diam: the "
+           "topology's largest diameter over the seeds; msgs, MB: all "
            "messages and bytes delivered (fault + heal); dup%: objects received already held; waits: "
            "OBJECTS held back for lack of credit; retry: RETRY errors (set changed mid-reconciliation); "
            "fails, rstrt: link failures, node restarts; a-e: anti-entropy rescues (per seed means)")
 
 
 def _print_table(options, results: dict[int, list[SeedResult]]) -> None:
-    print(f"fault phase {options.fault_rounds} rounds; rounds to converge counted after heal")
+    print(f"fault phase {options.fault_rounds} rounds; rounds to converge counted after heal; "
+          f"topology {options.topology}" + (f" (degree {options.degree})" if options.topology == "overlay" else ""))
     print(_HEADER)
     for nodes, rows in results.items():
         if rows:
@@ -132,7 +141,7 @@ def _row(nodes: int, rows: list[SeedResult]) -> str:
     duplicate = sum(r.stats.get("objects_duplicate", 0) for r in rows)
     median, p95, worst = (statistics.median(rounds), _percentile(rounds, 0.95), max(rounds)) if rounds else ("-",) * 3
     return (f"{nodes:>5} {len(rows):>5} {len(rounds):>5} {median:>5} {p95:>5} {worst:>5} "
-            f"{statistics.fmean(r.contexts for r in rows):>5.0f} {mean('messages'):>9.0f} {mean('bytes') / 1e6:>7.2f} "
+            f"{statistics.fmean(r.contexts for r in rows):>5.0f} {max(r.diameter or 0 for r in rows):>4} {mean('messages'):>9.0f} {mean('bytes') / 1e6:>7.2f} "
             f"{100 * duplicate / received if received else 0:>5.1f} {mean('credit_waits'):>6.0f} "
             f"{mean('retries'):>6.1f} {mean('link_failures'):>5.0f} {mean('restarts'):>5.1f} "
             f"{mean('anti_entropy_syncs'):>4.1f}")
@@ -145,5 +154,6 @@ def _figures(options, results: dict[int, list[SeedResult]], failures: list[str])
         if rounds:
             figures[f"rounds_median_{nodes}"] = statistics.median(rounds)
             figures[f"rounds_max_{nodes}"] = max(rounds)
+            figures[f"diameter_{nodes}"] = max(r.diameter or 0 for r in rows)
     figures["failures"] = len(failures)
     return figures

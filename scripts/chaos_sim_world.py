@@ -11,7 +11,10 @@ The model:
 - **Topology.** The union of two random Hamiltonian cycles over the nodes:
   connected by construction, degree 4 for almost every node (a repeated
   edge is kept once), diameter ~log3(N). The same rule for every N, so
-  rounds-to-converge across node counts compare like with like.
+  rounds-to-converge across node counts compare like with like. Or
+  (`--topology overlay`) the daemon's own bounded-degree overlay: every
+  node dials the peers `sync.overlay.choose_links` picks among all node
+  ids (at most `--degree`), as a lab cluster on one LAN would.
 - **Links.** One connection per edge, the lower-numbered node dialling. A
   link is two byte queues between two real `Connection`s. Failing it drops
   both ends' sessions and whatever bytes were still queued (a message cut
@@ -46,6 +49,7 @@ from chaos_sim_peer import ANTI_ENTROPY_ROUNDS, Clock, PeerGone, SimNode, SimSes
 from sync.codec import encode_context
 from sync.errors import ProtocolError
 from sync.idset import IdSet
+from sync import overlay
 from sync.model import T_STRING, CompressedContext, MemoryAtom
 
 # Long enough for every node to write a few contexts and for most links to
@@ -101,14 +105,26 @@ class SeedResult:
     trace: str  # SHA-256 over every scheduling decision and byte delivered
     stats: dict[str, int]
     anomalies: tuple[str, ...]  # protocol errors between honest nodes, with tracebacks
+    diameter: int | None = None  # of the topology (None: not connected)
 
     @property
     def ok(self) -> bool:
         return self.converged and not self.anomalies and not any(k.startswith("anomaly_") for k in self.stats)
 
 
-def topology(nodes: int, rng: random.Random) -> list[tuple[int, int]]:
-    """Edges (a < b) of the union of two random Hamiltonian cycles."""
+def node_id(number: int) -> bytes:
+    return hashlib.sha256(b"ctxfs-sim node %d" % number).digest()
+
+
+def topology(nodes: int, rng: random.Random, kind: str = "cycles", degree: int = 8) -> list[tuple[int, int]]:
+    """Edges (a < b): the union of two random Hamiltonian cycles, or
+    ("overlay") the links every node chooses by the daemon's own rule
+    (sync/overlay.py, each node dialling at most `degree`)."""
+    if kind == "overlay":
+        ids = [node_id(n) for n in range(nodes)]
+        number = {i: n for n, i in enumerate(ids)}
+        return sorted({(min(a, number[b]), max(a, number[b]))
+                       for a in range(nodes) for b in overlay.choose_links(ids[a], ids, degree)})
     edges: set[tuple[int, int]] = set()
     for _ in range(2):
         order = list(range(nodes))
@@ -157,7 +173,7 @@ class Simulation:
     """One seed: build the world, run the fault phase, heal, count rounds."""
 
     def __init__(self, nodes: int, seed: int, *, fault_rounds: int = FAULT_ROUNDS,
-                 max_heal_rounds: int = MAX_HEAL_ROUNDS) -> None:
+                 max_heal_rounds: int = MAX_HEAL_ROUNDS, topology_kind: str = "cycles", degree: int = 8) -> None:
         self.seed = seed
         self.fault_rounds = fault_rounds
         self.max_heal_rounds = max_heal_rounds
@@ -167,7 +183,9 @@ class Simulation:
         self.trace = hashlib.sha256()
         self.anomalies: list[str] = []
         self.nodes = [SimNode(i, self.clock, self.stats) for i in range(nodes)]
-        self.links = [Link(i, self.nodes[a], self.nodes[b]) for i, (a, b) in enumerate(topology(nodes, self.rng))]
+        edges = topology(nodes, self.rng, topology_kind, degree)
+        self.links = [Link(i, self.nodes[a], self.nodes[b]) for i, (a, b) in enumerate(edges)]
+        self.diameter = overlay.diameter({n: [b for a, b in edges if a == n] for n in range(nodes)})
         self.links_of: dict[int, list[Link]] = {n.number: [] for n in self.nodes}
         for link in self.links:
             for node in link.ends:
@@ -196,7 +214,7 @@ class Simulation:
         return SeedResult(
             nodes=len(self.nodes), seed=self.seed, converged=rounds is not None, rounds=rounds,
             contexts=len(self.written), trace=self.trace.hexdigest(), stats=dict(self.stats),
-            anomalies=tuple(self.anomalies),
+            anomalies=tuple(self.anomalies), diameter=self.diameter,
         )
 
     def _converged(self, target: bytes) -> bool:
