@@ -441,6 +441,7 @@ def cmd_daemon(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
             "peers": args.peer or None,
             "mdns": False if args.no_mdns else None,
             "mdns_interfaces": args.mdns_interface or None,  # discovery
+            "max_peers": args.max_peers,
             "log_json": True if args.log_json else None,
         })
     except ConfigError as exc:
@@ -555,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT", help="address for peers (default 0.0.0.0:7787; port 0 picks one)")
     p.add_argument("--peer", metavar="HOST:PORT", action="append", help="a static peer (repeatable)")
     p.add_argument("--no-mdns", action="store_true", help="do not discover peers through mDNS")
+    p.add_argument("--max-peers", metavar="N", type=int,
+                   help="dial at most N of the peers it knows (default 8; the rest stay known, see docs/operations.md)")
     p.add_argument("--mdns-interface", metavar="ADDR", action="append",
                    help="run mDNS on the interface with this IP address (repeatable; default: the listen "
                         "address if specific, else every IPv4 interface)")

@@ -67,6 +67,12 @@ class NodeConfig:
     max_inbound_peers: int = 64
     # Local API clients at once; more are told LIMIT_EXCEEDED and closed.
     max_local_clients: int = 64
+    # Peers this node dials at most (the overlay, sync/overlay.py): static
+    # peers always if they fit, then the overlay's choice among the known.
+    # Others dial us by their own choice, so a node has about twice this
+    # many sessions whatever the cluster's size. 8: a cluster of up to 9
+    # nodes is a full mesh; at 256 nodes the overlay's diameter is 4 hops.
+    max_peers: int = 8
     log_json: bool = False
 
 
@@ -75,7 +81,7 @@ _FILE_KEYS = {
     "ping_seconds": (int, float), "idle_timeout_seconds": (int, float),
     "hello_timeout_seconds": (int, float), "log_json": bool,
     "mdns_interfaces": list, "mdns_announce_seconds": (int, float),  # discovery
-    "max_inbound_peers": int, "max_local_clients": int,
+    "max_inbound_peers": int, "max_local_clients": int, "max_peers": int,
 }
 
 
@@ -105,7 +111,7 @@ def load_config(path: Path, overrides: dict) -> NodeConfig:
                 "mdns_announce_seconds"):
         if key in values and not values[key] > 0:
             raise ConfigError(f"{key} must be positive")
-    for key in ("max_inbound_peers", "max_local_clients"):
+    for key in ("max_inbound_peers", "max_local_clients", "max_peers"):
         if key in values and not (isinstance(values[key], int) and values[key] >= 1):
             raise ConfigError(f"{key} must be a whole number of at least 1")
     return NodeConfig(**values)

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon.config import NodeConfig, format_address
 from daemon.logs import RateLimitedLog
 from daemon.paths import HomePaths
-from sync import refs
+from sync import overlay, refs
 from sync.append import build_append
 from sync.codec import encode_context
 from sync.expand import ExpanderFunctor
@@ -60,6 +60,12 @@ MAX_HANDSHAKES_PER_HOST = 16
 MAX_INDEX_DELAY = 2.0
 
 
+# Dials in a row that fail before a chosen peer counts as gone: the overlay
+# chooses another in its place (and keeps probing it, with backoff). Two,
+# so one refused dial during a peer's restart does not move links.
+UNREACHABLE_AFTER = 2
+
+
 @attrs.define
 class PeerInfo:
     """What `status` shows about one peer; updated by its session."""
@@ -67,12 +73,13 @@ class PeerInfo:
     address: str
     source: str  # "static" | "mdns" | "inbound"
     node_id: str | None = None
-    state: str = "connecting"  # "connected" | "connecting" | "disconnected"
+    state: str = "connecting"  # "connected" | "connecting" | "disconnected" | "known" (not chosen)
     root: bytes | None = None
     last_sync: datetime | None = None
     objects_sent: int = 0
     objects_received: int = 0
     error: str | None = None
+    failed_dials: int = 0  # dials in a row that did not connect
 
 
 class Node:
@@ -108,6 +115,10 @@ class Node:
         self._ref_writes = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._dialing: set[str] = set()  # addresses a dial loop runs for
+        # The overlay (sync/overlay.py): node ids this node dials now, and an
+        # event set (then replaced) whenever that choice changes.
+        self._chosen: frozenset[str] = frozenset()
+        self._choice_changed = trio.Event()
         self._inbound = 0  # inbound member sessions now (TLS done)
         self._handshakes: collections.Counter[str] = collections.Counter()  # TLS handshakes by source host
         # Why the store cannot be written now (status shows it), else None.
@@ -525,19 +536,60 @@ class Node:
             del self.peers[key]
 
     def discovered(self, node_id: str, address: tuple[str, int], source: str = "mdns") -> None:
-        """Discovery proposes a peer; keep a connection to it from now on.
+        """Discovery proposes a peer; it is known from now on, and dialled
+        while the overlay chooses it (choose_peers).
 
         Proposals are only addresses: TLS decides who gets in, and the
         one-connection-per-pair rule settles a peer dialled both ways.
         Never blocks; safe to call from the discovery task on every event.
         """
-        if node_id == self.node_id or node_id in self.sessions or self._nursery is None:
+        if node_id == self.node_id or self._nursery is None:
             return
         key = format_address(*address)
         if key in self._dialing:
             return
         self._dialing.add(key)
+        self.peers.setdefault(key, PeerInfo(address=key, source=source, node_id=node_id))
+        self.choose_peers()
         self._nursery.start_soon(self._dial_forever, address, source)
+
+    # ------------------------------------------------------------ the overlay
+
+    def choose_peers(self) -> None:
+        """Choose again which known peers to dial (sync/overlay.py): at most
+        max_peers; static peers always, if they fit. Wakes the dial loops
+        and ends the sessions we dialled to peers no longer chosen (the
+        peer may still dial us: its choice is its own)."""
+        own = self.node_id_bytes
+        # Unreachable peers are left out until a dial reaches them again;
+        # a peer dialling us is reachable whatever our dials say.
+        known = {bytes.fromhex(i.node_id) for i in self.peers.values()
+                 if i.source != "inbound" and i.node_id is not None
+                 and (i.failed_dials < UNREACHABLE_AFTER or i.node_id in self.sessions)} - {own}
+        static = {bytes.fromhex(i.node_id) for i in self.peers.values()
+                  if i.source == "static" and i.node_id is not None} & known
+        limit = self.config.max_peers
+        if len(static) <= limit:
+            chosen = static | set(overlay.choose_links(own, known - static, limit - len(static)))
+        else:
+            chosen = set(overlay.choose_links(own, known, limit))
+        choice = frozenset(c.hex() for c in chosen)
+        if choice == self._chosen:
+            return
+        self._chosen = choice
+        self._choice_changed.set()
+        self._choice_changed = trio.Event()
+        for info in list(self.peers.values()):
+            session = self.sessions.get(info.node_id) if info.node_id else None
+            if (info.source != "inbound" and info.node_id not in choice and session is not None
+                    and session.info is info):
+                session.retire("not among this node's chosen peers")
+
+    def _wanted(self, info: PeerInfo) -> bool:
+        """Dial this peer now? Yes if the overlay chose it; to learn who a
+        static address is (its id comes with its HELLO); and, with backoff,
+        to notice that an unreachable peer is back."""
+        return info.node_id is None or info.node_id in self._chosen or info.failed_dials >= UNREACHABLE_AFTER
 
     async def _dial_forever(self, address: tuple[str, int], source: str) -> None:
         """Keep one connection to a static peer, reconnecting with capped backoff."""
@@ -549,6 +601,12 @@ class Node:
         info = self.peers.setdefault(key, PeerInfo(address=key, source=source))
         delay = self.config.reconnect_min_seconds
         while True:
+            if not self._wanted(info):
+                # Known, not chosen: wait for the overlay to change its mind.
+                info.state, info.error = "known", None
+                await self._choice_changed.wait()
+                delay = self.config.reconnect_min_seconds
+                continue
             info.state = "connecting"
             connected = False
             try:
@@ -562,6 +620,12 @@ class Node:
                 _refusals.warning(key, "peer %s: %s", key, exc.message)
             except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
                 info.error = f"cannot connect: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+            if connected:
+                info.failed_dials = 0
+            else:
+                info.failed_dials += 1
+                if info.failed_dials == UNREACHABLE_AFTER:
+                    self.choose_peers()  # chosen but gone: another takes its place
             # Lost the one-connection-per-pair rule: the peer's own dial is
             # the connection. Redial only once that one is gone.
             while info.node_id is not None and info.node_id in self.sessions:

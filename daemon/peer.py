@@ -191,6 +191,7 @@ class PeerSession:
         self._unwatch = None
         self._registered = False
         self._scope = trio.CancelScope()
+        self._leaving = "node stopping"  # the GOODBYE's reason when cancelled
 
     # ------------------------------------------------------------ lifecycle
 
@@ -204,7 +205,7 @@ class PeerSession:
                 with trio.move_on_after(CLOSE_DEADLINE) as scope:
                     scope.shield = True
                     if self.conn.state.value == "open" and not self.torn_write:
-                        goodbye = self.conn.send(Goodbye(code=int(ErrorCode.SHUTTING_DOWN), reason="node stopping"))
+                        goodbye = self.conn.send(Goodbye(code=int(ErrorCode.SHUTTING_DOWN), reason=self._leaving))
                         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                             await self.stream.send_all(goodbye)
                 raise
@@ -260,10 +261,17 @@ class PeerSession:
             key = f"inbound:{self.peer_id}"
             self.node.peers.pop(key, None)  # the newest last: old rows are pruned first
             self.node.peers[key] = self.info
+        else:
+            self.node.choose_peers()  # a static peer's id may be news
 
     def replaced(self) -> None:
         """A connection that wins the one-per-pair rule takes over; this one ends."""
         self._registered = False
+        self._scope.cancel()
+
+    def retire(self, reason: str) -> None:
+        """End the session with a GOODBYE saying why (the node stays up)."""
+        self._leaving = reason
         self._scope.cancel()
 
     def detach(self) -> None:

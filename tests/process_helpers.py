@@ -88,14 +88,15 @@ class Daemon:
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self, peers: Sequence[str] = (), *, wait: bool = True, bound: float = START_BOUND) -> Daemon:
+    def start(self, peers: Sequence[str] = (), *, wait: bool = True, bound: float = START_BOUND,
+              listen: str = "127.0.0.1:0") -> Daemon:
         """Start the daemon (it must not be running); wait until it answers `status`."""
         assert not self.running, f"{self.name} is already running"
         self.peers = list(peers)
         self.starts += 1
         self.listen = None
         self._log_path = self.log_dir / f"{self.name}.{self.starts}.log"
-        argv = [str(CTXFS), "--home", str(self.home), "daemon", "--listen", "127.0.0.1:0", "--no-mdns"]
+        argv = [str(CTXFS), "--home", str(self.home), "daemon", "--listen", listen, "--no-mdns"]
         for peer in self.peers:
             argv += ["--peer", peer]
         with open(self._log_path, "wb") as log:
@@ -236,6 +237,20 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     finally:
         group.close()
         print(group.stderr())
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 now (held open together, so all distinct)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def read_store_ids(store: Path) -> set[str]:
