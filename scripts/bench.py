@@ -4,7 +4,7 @@ import importlib
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("expand", "reconcile", "node", "bed", "refs", "mcp", "push")
+SUBCOMMANDS = ("expand", "reconcile", "node", "bed", "refs", "mcp", "push", "cluster")
 
 
 def main() -> int:
