@@ -34,9 +34,11 @@ import msgpack
 from sync.model import (
     CompressedContext,
     ExpandedContext,
+    MAX_RELEVANCE,
     MAX_TYPE_DEPTH,
     Kind,
     canonical_value,
+    check_new_context,
     MemoryAtom,
     MemoryMolecule,
     TypeSignature,
@@ -365,13 +367,16 @@ def atom_from_json(value: Any, path: str) -> MemoryAtom:
         when = datetime.fromisoformat(stamp)
     except ValueError:
         raise DecodeError(f"{obj.at('timestamp')}: expected an ISO-8601 timestamp, got {stamp!r:.40}") from None
+    relevance = obj.get("relevance_score", (int, float), "a number", 1.0)
+    if not 0 <= relevance <= MAX_RELEVANCE:  # NaN too
+        raise DecodeError(f"{obj.at('relevance_score')}: must be between 0 and {MAX_RELEVANCE:g}, got {relevance!r:.40}")
     try:
         return MemoryAtom(
             obj.get("content", str, "a string"),
             type_from_json(obj.get("type_sig", dict, "a type object"), obj.at("type_sig")),
             when,
             obj.get("source_hash", str, "a string"),
-            obj.get("relevance_score", (int, float), "a number", 1.0),
+            relevance,
         )
     except DecodeError:
         raise
@@ -399,12 +404,18 @@ def molecule_from_json(value: Any, path: str) -> MemoryMolecule:
 def context_from_json(value: Any) -> CompressedContext:
     """The interchange JSON object -> context, or DecodeError naming the bad field.
 
+    JSON is how contexts are written, so the rules for new contexts
+    (`model.check_new_context`: no empty root, no removals in a root,
+    relevance in 0..1) apply here; bytes (`decode_context`) are held
+    objects, from a store or a peer, and are not judged by them.
+
     The context is also encoded once here, so that what cannot be stored
     (a lone surrogate, an integer beyond 64 bits, an oversized context) is
     refused now with a clear message rather than later by the store.
     """
     try:
         ctx = _context_from_json(value)
+        check_new_context(ctx)
         size = len(encode_context(ctx))
     except DecodeError:
         raise

@@ -28,6 +28,7 @@ from sync.model import (
     MemoryAtom,
     MemoryMolecule,
     TypeSignature,
+    check_new_context,
     is_id,
     parse_type,
 )
@@ -369,6 +370,43 @@ def test_is_root_and_delta_size():
     d = CompressedContext(r.id, (atom("c"),), removed_hashes={atom("a").content_hash, atom("b").content_hash})
     assert not d.is_root
     assert d.delta_size == 3
+
+
+@pytest.mark.parametrize(
+    "ctx, message",
+    [
+        (root(), "a root context (base_hash null) must add at least one atom or molecule"),
+        (root(note="only metadata"), "a root context (base_hash null) must add at least one atom or molecule"),
+        (root(atom("a"), removed=[ID_A]), "removed_hashes: a root context (base_hash null) has nothing to remove"),
+        (root(atom("a"), atom("b", 1.5)), "delta_atoms[1].relevance_score: must be between 0 and 1, got 1.5"),
+        (CompressedContext(ID_A, (), (molecule(atom("m", 3.0)),)),
+         "delta_molecules[0].atoms[0].relevance_score: must be between 0 and 1, got 3.0"),
+    ],
+    ids=["empty-root", "metadata-only-root", "root-that-removes", "relevance-1.5", "molecule-relevance-3"],
+)
+def test_check_new_context_refuses_what_no_one_should_write(ctx, message):
+    with pytest.raises(ValueError) as info:
+        check_new_context(ctx)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "ctx",
+    [
+        root(atom("a", 0.0), atom("b", 1.0)),
+        root(molecules=[molecule()]),  # a root of molecules alone adds something
+        CompressedContext(ID_A, ()),  # an empty delta: expansion's identity
+        CompressedContext(ID_A, (), removed_hashes={atom("a").content_hash}),
+    ],
+    ids=["relevance-bounds", "molecule-root", "empty-delta", "delta-that-removes"],
+)
+def test_check_new_context_accepts_sound_contexts(ctx):
+    check_new_context(ctx)
+
+
+def test_the_model_still_holds_contexts_made_before_the_rules():
+    # Stores and peers hold such contexts; the classes must build them.
+    assert root().is_root and root(atom("a", 1.5)).delta_atoms[0].relevance_score == 1.5
 
 
 # --- ExpandedContext ----------------------------------------------------------

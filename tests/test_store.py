@@ -320,3 +320,20 @@ def test_a_full_disk_is_a_clear_store_error_and_changes_nothing(tmp_path):
     store.put(big)
     assert store.has(big.id)
     store.close()
+
+
+def test_contexts_made_before_the_new_context_rules_still_store_sync_and_pass_fsck(store):
+    # The interchange JSON refuses these now (model.check_new_context), but
+    # stores and peers hold them from before: the receive path (put_encoded,
+    # a peer's OBJECTS), reads and fsck must go on taking them.
+    from sync.expand import ExpanderFunctor
+
+    empty = root()
+    removing = root(atom("kept", 0.5), removed=[UNKNOWN])
+    over = delta(removing, atom("over-rated", 1.5))
+    assert store.put_encoded([encode_context(c) for c in (empty, removing, over)]) == [empty.id, removing.id, over.id]
+    assert [a.content for a in ExpanderFunctor(store).expand(over.id).atoms] == ["over-rated", "kept"]
+    assert ExpanderFunctor(store).expand(empty.id).atoms == ()
+    assert store.get(over.id) == over
+    if isinstance(store, SQLiteContextStore):
+        assert list(store.fsck()) == []
