@@ -150,15 +150,17 @@ def _read_input(source: str) -> str:
         raise CliError(f"input is not UTF-8 (byte {exc.start})") from None
 
 
-def parse_contexts(text: str) -> list[tuple[int | None, CompressedContext]]:
-    """One JSON object, or JSON Lines with one context object per line.
+def parse_contexts(text: str) -> list[tuple[str | None, CompressedContext]]:
+    """One JSON object, a JSON array of them, or JSON Lines with one context
+    object per line.
 
-    Returns (line number, context) pairs; the line is None for a single object.
+    Returns (where, context) pairs: where is `line N` (JSON Lines), `item N`
+    (an array, counted from 1 like lines) or None for a single object.
     """
     if not text.strip():
         raise CliError("input is empty")
     try:
-        documents = [(None, json.loads(text))]
+        whole = json.loads(text)
     except RecursionError:
         raise CliError("input nests too deeply") from None
     except json.JSONDecodeError as exc:
@@ -169,19 +171,24 @@ def parse_contexts(text: str) -> list[tuple[int | None, CompressedContext]]:
             if not line.strip():
                 continue
             try:
-                documents.append((number, json.loads(line)))
+                documents.append((f"line {number}", json.loads(line)))
             except json.JSONDecodeError as line_exc:
                 raise CliError(f"line {number}: not JSON: {line_exc.msg} at column {line_exc.colno}") from None
             except RecursionError:
                 raise CliError(f"line {number}: nests too deeply") from None
+    else:
+        if isinstance(whole, list):
+            documents = [(f"item {number}", doc) for number, doc in enumerate(whole, 1)]
+        else:
+            documents = [(None, whole)]
     if not documents:
         raise CliError("input holds no context")
     contexts = []
-    for number, doc in documents:
+    for where, doc in documents:
         try:
-            contexts.append((number, context_from_json(doc)))
+            contexts.append((where, context_from_json(doc)))
         except DecodeError as exc:
-            raise CliError(f"line {number}: {exc}" if number else str(exc)) from None
+            raise CliError(f"{where}: {exc}" if where else str(exc)) from None
     return contexts
 
 
@@ -231,8 +238,8 @@ def cmd_push(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
                 if ids is None:
                     ids = store.put_many(contexts)
         except MissingBase as exc:
-            line = next((n for n, ctx in numbered if ctx.id == exc.context_id), None)
-            raise CliError(f"line {line}: {exc}" if line else str(exc)) from None
+            where = next((w for w, ctx in numbered if ctx.id == exc.context_id), None)
+            raise CliError(f"{where}: {exc}" if where else str(exc)) from None
         for cid in ids:
             print(cid, file=out)
     finally:
@@ -507,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("init", cmd_init, "create the node's home, store and identity; print the node id")
     p.add_argument("--cluster-key-file", metavar="F", help="join the cluster whose key is in F")
     add("cluster-key", cmd_cluster_key, "print this node's cluster key")
-    p = add("push", cmd_push, "store contexts given as interchange JSON (an object, or JSON Lines); print their ids")
+    p = add("push", cmd_push,
+            "store contexts given as interchange JSON (an object, an array of them, or JSON Lines); print their ids")
     p.add_argument("file", nargs="?", default="-", metavar="FILE", help="input file, or - for stdin (default)")
     p.add_argument("--ref", metavar="NAME", help="then point ref NAME at the last context (a fast-forward only)")
     p.add_argument("--force", action="store_true", help="with --ref: move the ref even if the push does not build on it")

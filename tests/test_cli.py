@@ -373,6 +373,37 @@ def test_push_json_lines_unknown_base_names_the_line(home, tmp_path, run):
     assert_one_line_error(result.err, "cd" * 32, "line 2")
 
 
+def test_push_json_array_prints_ids_in_order(home, tmp_path, run):
+    a = ctx(None, atom("first", 0.5))
+    b = ctx(a.id, atom("second", 0.6))
+    text = json.dumps([context_to_json(a), context_to_json(b)], indent=2)  # as people write arrays
+    result = run(home, "push", str(write(tmp_path / "chain.json", text)))
+    assert result.code == 0, result.err
+    assert result.lines == [a.id, b.id]
+    assert run(home, "log", "--ids", b.id).lines == [a.id, b.id]
+    # The design example, wrapped in an array, is the same one context.
+    wrapped = run(home, "push", "-", stdin=("[" + DESIGN_EXAMPLE + "]").encode())
+    assert wrapped.lines == [context_from_json(json.loads(DESIGN_EXAMPLE)).id]
+
+
+@pytest.mark.parametrize(
+    "second, needle",
+    [
+        ({"base_hash": "cd" * 32}, "item 2: context "),
+        ({"delta_atoms": "no"}, "item 2: delta_atoms: expected an array"),
+        ([], "item 2: context: expected an object, got an array"),
+    ],
+    ids=["unknown-base", "bad-field", "nested-array"],
+)
+def test_push_json_array_with_one_bad_item_stores_nothing(home, tmp_path, run, second, needle):
+    first = context_to_json(ctx(None, atom("fine", 0.5)))
+    result = run(home, "push", str(write(tmp_path / "bad.json", json.dumps([first, second]))))
+    assert result.code == 1
+    assert result.out == ""
+    assert_one_line_error(result.err, needle)
+    assert rows(home) == []
+
+
 def test_push_from_stdin(home, run):
     for args in (["push", "-"], ["push"]):
         result = run(home, *args, stdin=DESIGN_EXAMPLE.encode())
@@ -401,7 +432,8 @@ def _example(**changes) -> str:
 
 BAD_INPUTS = {
     "unparsable": ('{"base_hash": null, "delta_atoms": [}', "not JSON"),
-    "top-level-array": ("[" + DESIGN_EXAMPLE + "]", "object"),
+    "empty-array": ("[]", "input holds no context"),
+    "array-of-non-objects": ("[1, 2]", "item 1: context: expected an object"),
     "relevance-string": (_example(delta_atoms__0__relevance_score="0.9"), "relevance_score"),
     "content-number": (_example(delta_atoms__0__content=42), "content"),
     "unknown-base": (_example(base_hash="ef" * 32), "ef" * 32),
