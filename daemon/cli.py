@@ -25,11 +25,11 @@ from daemon.status import format_status
 from sync import fulltext
 from sync.codec import DecodeError, atom_to_json, context_from_json, expanded_to_json
 from sync.errors import ErrorCode
-from sync.expand import ExpanderFunctor, ExpansionChunk, stream_expansion
+from sync.expand import ExpanderFunctor, ExpansionChunk, check_removals, stream_expansion
 from sync.model import CompressedContext, ExpandedContext, parse_type
 from sync.query import ContextQuery
 from sync.refs import RefValue
-from sync.store import MissingBase, NotFound, SQLiteContextStore, StoreError
+from sync.store import MissingBase, NotFound, SQLiteContextStore, StoreError, UnheldRemoval
 
 # Largest push input read: far beyond any real context, small enough that a
 # wrong file (a disk image piped in by mistake) is refused before parsing.
@@ -229,6 +229,7 @@ def cmd_push(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
         numbered = parse_contexts(_read_input(args.file))
         try:
             contexts = [ctx for _, ctx in numbered]
+            check_removals(store, contexts)
             if args.ref is not None:
                 from daemon import cli_refs
 
@@ -237,7 +238,7 @@ def cmd_push(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
                 ids = _push_via_daemon(home, store, contexts)
                 if ids is None:
                     ids = store.put_many(contexts)
-        except MissingBase as exc:
+        except (MissingBase, UnheldRemoval) as exc:
             where = next((w for w, ctx in numbered if ctx.id == exc.context_id), None)
             raise CliError(f"{where}: {exc}" if where else str(exc)) from None
         for cid in ids:

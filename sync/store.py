@@ -64,6 +64,19 @@ class MissingTarget(MissingBase):
         self.name = name
 
 
+class UnheldRemoval(StoreError, ValueError):
+    """A context removes atoms its base's expansion does not hold: a wrong
+    hash or a wrong base, never a change (`expand.check_removals`)."""
+
+    def __init__(self, context_id: str, base_id: str | None, atom_ids: list[str]) -> None:
+        more = f" and {len(atom_ids) - 1} more" if len(atom_ids) > 1 else ""
+        where = f"its base {base_id}" if base_id is not None else "a root (it has no base)"
+        super().__init__(f"context {context_id} removes atom {atom_ids[0]}{more}, which {where} does not hold")
+        self.context_id = context_id
+        self.base_id = base_id
+        self.atom_ids = tuple(atom_ids)
+
+
 class ContextTooLarge(StoreError, ValueError):
     def __init__(self, size: int) -> None:
         super().__init__(f"context encodes to {size} bytes; the limit is {MAX_CONTEXT_BYTES} (split it into a chain)")

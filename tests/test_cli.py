@@ -693,6 +693,30 @@ def test_delta_removing_an_atom_hides_it(rich, tmp_path, run):
     assert sorted(run(rich, "heads", "--ids").lines) == sorted([removed_id, kept.lines[0]])
 
 
+def test_push_removing_an_atom_the_base_does_not_hold_is_refused(rich, tmp_path, run):
+    before = rows(rich)
+    never = atom("never stored", 0.5).content_hash
+    bad = ctx(CHILD.id, removed=[never])
+    result = run(rich, "push", str(write(tmp_path / "rm.json", jsonl(bad))))
+    assert result.code == 1
+    assert result.out == ""
+    assert_one_line_error(result.err, f"context {bad.id} removes atom {never}, which its base {CHILD.id} does not hold")
+    assert rows(rich) == before
+    # An atom removed earlier in the same push is no longer held either.
+    victim = ROOT.delta_atoms[0].content_hash
+    first = ctx(CHILD.id, removed=[victim])
+    again = ctx(first.id, atom("more", 0.5), removed=[victim])
+    result = run(rich, "push", str(write(tmp_path / "twice.jsonl", jsonl(first, again))))
+    assert result.code == 1
+    assert_one_line_error(result.err, "line 2: ", f"removes atom {victim}")
+    assert rows(rich) == before
+    # Adding an atom and removing it further down the same push is fine.
+    added = ctx(CHILD.id, atom("short-lived", 0.5))
+    dropped = ctx(added.id, removed=[added.delta_atoms[0].content_hash])
+    assert push(run, rich, tmp_path, added, dropped) == [added.id, dropped.id]
+    assert run(rich, "expand", dropped.id).lines == EXPECTED_ORDER
+
+
 # --------------------------------------------------------------------------
 # log, heads, fsck
 # --------------------------------------------------------------------------

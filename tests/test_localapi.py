@@ -788,6 +788,19 @@ def test_cli_push_unknown_base_through_the_daemon_names_the_line_and_stores_noth
     assert run(home, "push", str(tmp_path / "in.jsonl"))[2] == err
 
 
+def test_cli_push_removing_an_unheld_atom_through_the_daemon_stores_nothing(home, tmp_path, run):
+    never = atom("never held").content_hash
+    bad = delta(ROOT, atom("new"), removed={never})
+    (tmp_path / "in.jsonl").write_text(jsonl(ROOT, bad))
+    with DaemonThread(home) as daemon:
+        code, out, err = run(home, "push", str(tmp_path / "in.jsonl"))
+        assert daemon.node.pushed == []
+    assert code == 1 and out == ""
+    assert err.splitlines() == [f"ctxfs: line 2: context {bad.id} removes atom {never}, which its base {ROOT.id} does not hold"]
+    assert run(home, "push", str(tmp_path / "in.jsonl"))[2] == err
+    assert run(home, "heads")[1] == ""
+
+
 @pytest.mark.parametrize(
     "args",
     [
