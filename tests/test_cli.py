@@ -769,6 +769,33 @@ def _corrupt(home: Path, cid: str) -> None:
         db.close()
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["expand", "CHILD"],
+        ["expand", "--json", "CHILD"],
+        ["expand", "--stream", "--json", "CHILD"],
+        ["query", "CHILD"],
+        ["show", "CHILD"],
+        ["log", "CHILD"],
+        ["heads"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_an_object_whose_bytes_do_not_match_its_id_is_never_served(rich, run, args):
+    # Git checks hashes on read; so do we: a damaged row is named, not shown.
+    _corrupt(rich, CHILD.id)
+    before = rows(rich)
+    result = run(rich, *[{"CHILD": CHILD.id, "ROOT": ROOT.id}.get(a, a) for a in args])
+    assert result.code == 1
+    assert result.out == ""
+    assert_one_line_error(result.err, CHILD.id, "bytes do not match its id", "ctxfs fsck")
+    assert "Deadlink" not in result.err
+    assert rows(rich) == before
+    # The sound part of the store is still served.
+    assert run(rich, "expand", ROOT.id).lines == EXPECTED_ORDER[1:]
+
+
 def test_fsck_names_an_altered_object(rich, run):
     _corrupt(rich, CHILD.id)
     result = run(rich, "fsck")

@@ -776,6 +776,65 @@ def test_cli_push_goes_through_the_daemon(home, tmp_path, run):
         assert daemon.node.pushed == [[ROOT.id], [CHILD.id]]
 
 
+def _damage(home: Path, context_id: str) -> None:
+    """Change one stored row's bytes behind the store's back (still MessagePack)."""
+    import sqlite3
+
+    db = sqlite3.connect(home / "store.db")
+    try:
+        with db:
+            (data,) = db.execute("SELECT data FROM contexts WHERE id = ?", (bytes.fromhex(context_id),)).fetchone()
+            altered = data.replace(b"Deadline", b"Deadlink")
+            assert altered != data
+            db.execute("UPDATE contexts SET data = ? WHERE id = ?", (altered, bytes.fromhex(context_id)))
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["expand", "CHILD"], ["expand", "--json", "CHILD"], ["expand", "--stream", "--json", "CHILD"], ["query", "CHILD"]],
+    ids=lambda a: " ".join(a),
+)
+def test_the_daemon_never_serves_an_object_whose_bytes_do_not_match_its_id(home, tmp_path, run, args):
+    (tmp_path / "in.jsonl").write_text(jsonl(ROOT, CHILD))
+    assert run(home, "push", str(tmp_path / "in.jsonl"))[0] == 0
+    _damage(home, CHILD.id)
+    args = [{"CHILD": CHILD.id}.get(a, a) for a in args]
+    with DaemonThread(home) as daemon:
+        code, out, err = run(home, *args)
+        assert daemon.node.thread_hops > 0, "the daemon was not asked"
+        # What is sound is still served.
+        assert run(home, "expand", ROOT.id)[0] == 0
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        f"ctxfs: object {CHILD.id} is damaged in the store (its bytes do not match its id); run `ctxfs fsck`"]
+
+
+async def test_a_damaged_object_is_refused_with_invalid_object(paths, nursery):
+    store = SQLiteContextStore(paths.store)
+    store.put_many([ROOT, CHILD])
+    _damage(paths.root, CHILD.id)
+    node = FakeNode(paths, store)
+    await nursery.start(LocalApiServer(node).serve)
+    try:
+        with trio.fail_after(GUARD):
+            async with LocalClient.connect(paths) as client:
+                for call in (lambda: client.expand(CHILD.id), lambda: client.query(CHILD.id)):
+                    with pytest.raises(LocalApiError) as info:
+                        await call()
+                    assert info.value.code is ErrorCode.INVALID_OBJECT
+                    assert CHILD.id in info.value.message and "ctxfs fsck" in info.value.message
+                with pytest.raises(LocalApiError) as info:
+                    async with client.expand_stream(CHILD.id) as chunks:
+                        async for _chunk in chunks:
+                            pass
+                assert info.value.code is ErrorCode.INVALID_OBJECT
+                assert (await client.expand(ROOT.id)).atoms  # the sound root still is
+    finally:
+        store.close()
+
+
 def test_cli_push_unknown_base_through_the_daemon_names_the_line_and_stores_nothing(home, tmp_path, run):
     orphan = delta("ee" * 32, atom("orphan"))
     (tmp_path / "in.jsonl").write_text(jsonl(ROOT, orphan))

@@ -337,3 +337,35 @@ def test_contexts_made_before_the_new_context_rules_still_store_sync_and_pass_fs
     assert store.get(over.id) == over
     if isinstance(store, SQLiteContextStore):
         assert list(store.fsck()) == []
+
+
+@pytest.mark.parametrize("replacement", ["flipped-bit", "another-contexts-bytes"])
+def test_reads_never_hand_on_bytes_that_do_not_match_their_id(tmp_path, family, replacement):
+    from sync.store import CorruptObject
+
+    r, a, b, c = family
+    path = tmp_path / "s.db"
+    s = SQLiteContextStore(path)
+    try:
+        s.put_many([r, a, b, c])
+        data = bytearray(encode_context(a))
+        data[-1] ^= 0x01
+        _overwrite(path, a.id, bytes(data) if replacement == "flipped-bit" else encode_context(c))
+        reads = {
+            "get": lambda: s.get(a.id),
+            "get_bytes": lambda: s.get_bytes(a.id),
+            "walk_back": lambda: list(s.walk_back(b.id)),
+            "walk_back_bytes": lambda: list(s.walk_back_bytes(b.id)),
+            "get_many_bytes": lambda: s.get_many_bytes([r.id, a.id]),
+        }
+        for name, read in reads.items():
+            with pytest.raises(CorruptObject) as info:
+                read()
+            assert info.value.object_id == a.id, name
+            assert a.id in str(info.value) and "ctxfs fsck" in str(info.value), name
+        # What is sound is still served, and ids alone are no bytes.
+        assert s.get(c.id) == c and [cid for cid, _ in s.walk_back(c.id)] == [c.id, r.id]
+        assert s.get_lineage(b.id) == [r.id, a.id, b.id]
+        assert s.get_many_bytes([b.id]) == [encode_context(b)]
+    finally:
+        s.close()
