@@ -267,10 +267,12 @@ def _print_expansion(cid: str, expanded: ExpandedContext, as_json: bool, out: Te
             print(text, file=out)
 
 
-def _expand_via_daemon(args: argparse.Namespace, home: HomePaths, cid: str, out: TextIO) -> bool:
-    """Print the expansion as the running daemon serves it; False if none runs."""
+def _expand_via_daemon(args: argparse.Namespace, home: HomePaths, cid: str, out: TextIO) -> ExpandedContext | bool:
+    """The expansion as the running daemon serves it (a stream is printed
+    here: True); False if no daemon runs, or the answer is too large for
+    one message."""
 
-    async def work(client: localapi.LocalClient) -> bool:
+    async def work(client: localapi.LocalClient) -> ExpandedContext | bool:
         if args.stream:
             chunks = client.expand_stream(
                 cid,
@@ -298,17 +300,26 @@ def _expand_via_daemon(args: argparse.Namespace, home: HomePaths, cid: str, out:
             if exc.code is ErrorCode.LIMIT_EXCEEDED:
                 return False  # too large for one message: read the store directly
             raise
-        _print_expansion(cid, endpoint.expanded_from_response(response), args.json, out)
-        return True
+        return endpoint.expanded_from_response(response)
 
-    return _via_daemon(home, work) is True
+    result = _via_daemon(home, work)
+    return False if result is _NO_DAEMON else result
+
+
+def _why_nothing_fits(expander: ExpanderFunctor, cid: str, min_relevance: float, max_tokens: int) -> str | None:
+    """Why a budget left nothing to print, if atoms were there to print."""
+    sizes = [a.tokens for a in expander.expand(cid).atoms if a.relevance_score >= min_relevance]
+    if not sizes:
+        return None  # nothing to fit: an empty expansion is no surprise
+    return f"no atom fits in {max_tokens} tokens (the smallest takes {min(sizes)}); raise --max-tokens"
 
 
 def cmd_expand(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
     store = _open_store(home)
     try:
         cid = resolve_id(store, args.id)
-        if _expand_via_daemon(args, home, cid, out):
+        served = _expand_via_daemon(args, home, cid, out)
+        if served is True:
             return 0
         if args.stream:
             chunks = stream_expansion(
@@ -321,8 +332,14 @@ def cmd_expand(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
             for chunk in chunks:
                 _print_chunk(chunk, args.json, out)
             return 0
-        expanded = endpoint.filter_expansion(ExpanderFunctor(store).expand(cid), args.min_relevance, args.max_tokens)
-        _print_expansion(cid, expanded, args.json, out)
+        expander = ExpanderFunctor(store)
+        if served is False:
+            served = endpoint.filter_expansion(expander.expand(cid), args.min_relevance, args.max_tokens)
+        _print_expansion(cid, served, args.json, out)
+        if args.max_tokens is not None and not served.atoms:
+            why = _why_nothing_fits(expander, cid, args.min_relevance, args.max_tokens)
+            if why is not None:
+                print(f"ctxfs: {why}", file=sys.stderr)
     finally:
         store.close()
     return 0
@@ -527,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-relevance", type=_non_negative_float, default=0.0, metavar="X")
     p.add_argument("--chunk-size", type=_positive_int, default=10, metavar="N", help="atoms per chunk (--stream)")
     p.add_argument("--max-tokens", type=_positive_int, metavar="N",
-                   help="token budget of the output; with --stream, per chunk (default 500)")
+                   help="token budget of the output: the most relevant atoms that fit; with --stream, per chunk "
+                        "(default 500)")
     p = add("query", cmd_query, "run a ContextQuery over the expansion of a context")
     p.add_argument("id", help="a context id, a unique prefix of one, or a ref name")
     p.add_argument("--type", metavar="T", help="keep atoms whose type unifies with T, e.g. String or List[Int]")

@@ -439,6 +439,24 @@ def _check_relevance_range(atom: MemoryAtom, path: str) -> None:
         raise ValueError(f"{path}.relevance_score: must be between 0 and {MAX_RELEVANCE:g}, got {atom.relevance_score!r}")
 
 
+def fit_budget(atoms: Iterable[MemoryAtom], max_tokens: int | None) -> tuple[list[MemoryAtom], int]:
+    """The atoms that fit `max_tokens`, in the order given, and the tokens they take.
+
+    Each atom is taken if it still fits; one too large for what is left is
+    skipped and the smaller ones after it are still taken, so a budget never
+    comes back empty because its most relevant atom alone is larger.
+    """
+    kept = []
+    spent = 0
+    for atom in atoms:
+        cost = atom.tokens
+        if max_tokens is not None and spent + cost > max_tokens:
+            continue
+        spent += cost
+        kept.append(atom)
+    return kept, spent
+
+
 @attrs.frozen
 class ExpandedContext:
     """The full context for an AI: atoms most relevant first, and how it was built."""
@@ -450,13 +468,8 @@ class ExpandedContext:
     type_summary: dict[str, int] = attrs.field(converter=dict)
 
     def to_prompt_context(self, max_tokens: int | None = None) -> str:
-        """`[Type] content` lines, most relevant first, until the budget is spent."""
-        lines = []
-        spent = 0
-        for atom in self.atoms:
-            cost = atom.tokens
-            if max_tokens is not None and spent + cost > max_tokens:
-                break
-            spent += cost
-            lines.append(f"[{atom.type_sig}] {atom.content}")
-        return "\n".join(lines)
+        """`[Type] content` lines, most relevant first, of the atoms that fit
+        the budget (`fit_budget`: an atom too large for what is left is
+        skipped, smaller ones after it still fit)."""
+        kept, _spent = fit_budget(self.atoms, max_tokens)
+        return "\n".join(f"[{atom.type_sig}] {atom.content}" for atom in kept)

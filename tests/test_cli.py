@@ -592,6 +592,32 @@ def test_expand_max_tokens_limits_output(rich, run):
     assert doc["type_summary"] == {"String": 2, "Int": 1}
 
 
+def test_expand_max_tokens_takes_the_most_relevant_atoms_that_fit(rich, run):
+    # Costs 3, 3, 1, 3, 6, 3: within 5 the second atom no longer fits, "42" does.
+    result = run(rich, "expand", "--max-tokens", "5", CHILD.id)
+    assert result.code == 0, result.err
+    assert result.lines == [EXPECTED_ORDER[0], EXPECTED_ORDER[2]]
+    assert result.err == ""
+    doc = json.loads(run(rich, "expand", "--json", "--max-tokens", "5", CHILD.id).out)
+    assert [a["content"] for a in doc["atoms"]] == ["Deadline is Friday", "42"]
+    assert doc["total_tokens"] == 4
+
+
+def test_expand_max_tokens_that_nothing_fits_says_why(rich, run):
+    # The two atoms at 0.9 and above take 3 tokens each.
+    for args in (["expand"], ["expand", "--json"]):
+        result = run(rich, *args, "--max-tokens", "2", "--min-relevance", "0.9", CHILD.id)
+        assert result.code == 0, result.err
+        assert result.err == "ctxfs: no atom fits in 2 tokens (the smallest takes 3); raise --max-tokens\n"
+        if "--json" in args:
+            assert json.loads(result.out)["atoms"] == []
+        else:
+            assert result.out == ""
+    # Nothing to fit is no surprise: no note.
+    empty = run(rich, "expand", "--max-tokens", "2", "--min-relevance", "0.99", CHILD.id)
+    assert (empty.code, empty.out, empty.err) == (0, "", "")
+
+
 @pytest.mark.parametrize("chunk_size, sizes", [(2, [2, 2, 2]), (4, [4, 2]), (10, [6])])
 def test_expand_stream_json_chunks(rich, run, chunk_size, sizes):
     result = run(rich, "expand", "--stream", "--json", "--chunk-size", str(chunk_size), CHILD.id)

@@ -226,16 +226,18 @@ async def test_expand_applies_min_relevance_and_max_tokens(server, node, paths):
         async with LocalClient.connect(paths) as client:
             response = await client.expand(CHILD.id, min_relevance=0.6, max_tokens=4)
     # Worked out here, not by the server's own helper: atoms at or above
-    # 0.6, most relevant first, until the next would pass 4 tokens.
+    # 0.6, most relevant first, each taken if it still fits 4 tokens.
     kept, spent = [], 0
     for item in ExpanderFunctor(node.store).expand(CHILD.id).atoms:
         if item.relevance_score < 0.6:
             continue
         if spent + item.tokens > 4:
-            break
+            continue
         kept.append(item)
         spent += item.tokens
-    assert response.atoms == tuple(kept) and len(kept) < 3
+    assert response.atoms == tuple(kept)
+    # "User prefers Python" (3 tokens) no longer fits after the deadline (3); "42" (1) does.
+    assert [a.content for a in kept] == ["Deadline is Friday", "42"]
     assert response.total_tokens == spent
     summary = {}
     for item in kept:
@@ -867,6 +869,7 @@ def test_cli_push_removing_an_unheld_atom_through_the_daemon_stores_nothing(home
         ["expand", "--json", "CHILD"],
         ["expand", "--json", "--min-relevance", "0.6", "CHILD"],
         ["expand", "--max-tokens", "5", "CHILD"],
+        ["expand", "--max-tokens", "2", "--min-relevance", "0.9", "CHILD"],
         ["expand", "--stream", "--json", "--chunk-size", "2", "CHILD"],
         ["expand", "--stream", "--min-relevance", "0.5", "CHILD"],
         ["query", "CHILD", "--json"],

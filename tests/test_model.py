@@ -29,6 +29,7 @@ from sync.model import (
     MemoryMolecule,
     TypeSignature,
     check_new_context,
+    fit_budget,
     is_id,
     parse_type,
 )
@@ -425,8 +426,18 @@ def test_to_prompt_context_budget():
     # 2, 3 and 1 tokens
     e = _expanded(atom("one two", 0.9), atom("a b c", 0.5), atom("z", 0.1))
     assert e.to_prompt_context(2) == "[String] one two"
-    assert e.to_prompt_context(4) == "[String] one two"
+    # An atom too large for what is left is skipped; smaller ones still fit.
+    assert e.to_prompt_context(4) == "[String] one two\n[String] z"
     assert e.to_prompt_context(5) == "[String] one two\n[String] a b c"
     assert e.to_prompt_context(6) == "[String] one two\n[String] a b c\n[String] z"
-    assert e.to_prompt_context(1) == ""
+    assert e.to_prompt_context(1) == "[String] z"
     assert e.to_prompt_context(0) == ""
+
+
+def test_fit_budget_keeps_the_most_relevant_atoms_that_fit_in_order():
+    atoms = [atom("one two three four five six", 0.9), atom("a b", 0.8), atom("x y z w", 0.5), atom("q", 0.1)]
+    # 7, 2, 5 and 1 tokens: with 5, the first is too large alone, yet 2 + 1 fit.
+    assert fit_budget(atoms, 5) == ([atoms[1], atoms[3]], 3)
+    assert fit_budget(atoms, 7) == ([atoms[0]], 7)
+    assert fit_budget(atoms, 0) == ([], 0)
+    assert fit_budget(atoms, None) == (atoms, 15)
