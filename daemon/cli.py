@@ -34,6 +34,8 @@ from sync.store import MissingBase, NotFound, SQLiteContextStore, StoreError, Un
 # Largest push input read: far beyond any real context, small enough that a
 # wrong file (a disk image piped in by mistake) is refused before parsing.
 MAX_PUSH_BYTES = 256 * 1024 * 1024
+# Atoms per chunk of `expand --stream` unless --chunk-size says otherwise.
+DEFAULT_CHUNK_SIZE = 10
 # `status --watch` refresh period, seconds.
 WATCH_INTERVAL = 1.0
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
@@ -315,6 +317,10 @@ def _why_nothing_fits(expander: ExpanderFunctor, cid: str, min_relevance: float,
 
 
 def cmd_expand(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
+    if args.chunk_size is None:
+        args.chunk_size = DEFAULT_CHUNK_SIZE
+    elif not args.stream:
+        raise CliError("--chunk-size needs --stream (it is the number of atoms per streamed chunk)")
     store = _open_store(home)
     try:
         cid = resolve_id(store, args.id)
@@ -542,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object (with --stream: one JSON line per chunk)")
     p.add_argument("--stream", action="store_true", help="stream chunks, most relevant first")
     p.add_argument("--min-relevance", type=_non_negative_float, default=0.0, metavar="X")
-    p.add_argument("--chunk-size", type=_positive_int, default=10, metavar="N", help="atoms per chunk (--stream)")
+    p.add_argument("--chunk-size", type=_positive_int, metavar="N",
+                   help=f"atoms per chunk (with --stream only; default {DEFAULT_CHUNK_SIZE})")
     p.add_argument("--max-tokens", type=_positive_int, metavar="N",
                    help="token budget of the output: the most relevant atoms that fit; with --stream, per chunk "
                         "(default 500)")

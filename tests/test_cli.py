@@ -640,6 +640,18 @@ def test_expand_stream_json_chunks(rich, run, chunk_size, sizes):
     assert progress == sorted(progress)
 
 
+def test_expand_chunk_size_without_stream_is_refused(rich, tmp_path, run):
+    for args in (["expand"], ["expand", "--json"]):
+        result = run(rich, *args, "--chunk-size", "2", CHILD.id)
+        assert result.code == 1
+        assert result.out == ""
+        assert_one_line_error(result.err, "--chunk-size needs --stream")
+    # The default chunk size is still ten atoms.
+    (more,) = push(run, rich, tmp_path, ctx(CHILD.id, *(atom(f"extra {i}", 0.1) for i in range(12))))
+    many = run(rich, "expand", "--stream", "--json", more)
+    assert [len(json.loads(line)["atoms"]) for line in many.lines] == [10, 8]
+
+
 def test_expand_stream_text_and_min_relevance(rich, run):
     result = run(rich, "expand", "--stream", "--chunk-size", "2", CHILD.id)
     assert result.code == 0, result.err
