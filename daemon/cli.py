@@ -395,7 +395,7 @@ def cmd_query(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps([{"hash": a.content_hash, **atom_to_json(a)} for a in hits], ensure_ascii=False), file=out)
+        print(json.dumps([atom_to_json(a, with_hash=True) for a in hits], ensure_ascii=False), file=out)
     else:
         for atom in hits:
             print(f"{atom.relevance_score:.2f} [{atom.type_sig}] {atom.content}", file=out)

@@ -266,8 +266,12 @@ def type_to_json(sig: TypeSignature) -> dict:
     }
 
 
-def atom_to_json(atom: MemoryAtom) -> dict:
+def atom_to_json(atom: MemoryAtom, *, with_hash: bool = False) -> dict:
+    """An atom in the interchange JSON; `with_hash` puts its id first as
+    `hash`, as every command that prints atoms does (one vocabulary: the
+    model's field names, whatever the command)."""
     return {
+        **({"hash": atom.content_hash} if with_hash else {}),
         "content": atom.content,
         "type_sig": type_to_json(atom.type_sig),
         "timestamp": atom.timestamp.isoformat(),
@@ -460,17 +464,7 @@ def expanded_to_json(context_id: str, expanded: ExpandedContext, atom_root: str 
     """The `ctxfs expand --json` object (design.md)."""
     out = {
         "id": check_id(context_id),
-        "atoms": [
-            {
-                "hash": a.content_hash,
-                "content": a.content,
-                "type": str(a.type_sig),
-                "relevance": a.relevance_score,
-                "timestamp": a.timestamp.isoformat(),
-                "source_hash": a.source_hash,
-            }
-            for a in expanded.atoms
-        ],
+        "atoms": [atom_to_json(a, with_hash=True) for a in expanded.atoms],
         "molecules": [molecule_to_json(m) for m in expanded.molecules],
         "expansion_path": list(expanded.expansion_path),
         "total_tokens": expanded.total_tokens_estimate,

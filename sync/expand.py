@@ -296,12 +296,11 @@ class ExpansionChunk:
     expansion_progress: float
 
     def to_dict(self) -> dict:
+        """The seed's shape, with atoms as every command prints them
+        (`codec.atom_to_json` with their hash: the model's field names)."""
         return {
             "chunk_id": self.chunk_id,
-            "atoms": [
-                {"content": a.content, "type": str(a.type_sig), "relevance": a.relevance_score, "hash": a.content_hash}
-                for a in self.atoms
-            ],
+            "atoms": [codec.atom_to_json(a, with_hash=True) for a in self.atoms],
             "is_final": self.is_final,
             "cumulative_tokens": self.cumulative_tokens,
             "progress": self.expansion_progress,

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from daemon import cli, security
-from sync.codec import context_from_json, context_to_json
+from sync.codec import atom_to_json, context_from_json, context_to_json, type_from_json
 from sync.model import (
     T_INT,
     T_LIST,
@@ -49,6 +49,9 @@ DESIGN_EXAMPLE = """\
  "removed_hashes": [],
  "compression_metadata": {"source": "initial"}}
 """
+
+# What every command prints for an atom: its hash and its interchange-JSON fields.
+ATOM_KEYS = {"hash", "content", "type_sig", "timestamp", "source_hash", "relevance_score"}
 
 # A longer error line than this is not "one clear line".
 MAX_ERROR_LINE = 400
@@ -121,6 +124,11 @@ def rows(home: Path) -> list[tuple[bytes, bytes]]:
         return db.execute("SELECT id, data FROM contexts ORDER BY id").fetchall()
     finally:
         db.close()
+
+
+def printed(atom_json: dict) -> str:
+    """An atom's type as the text output prints it, from its JSON."""
+    return str(type_from_json(atom_json["type_sig"], "type_sig"))
 
 
 def atom(content: str, relevance: float, type_sig=T_STRING, source: str = "test") -> MemoryAtom:
@@ -548,18 +556,34 @@ def test_expand_json_shape_and_order(rich, run):
     atoms = doc["atoms"]
     assert len(atoms) == 6
     for a in atoms:
-        assert set(a) == {"hash", "content", "type", "relevance", "timestamp", "source_hash"}
+        assert set(a) == ATOM_KEYS
         assert len(a["hash"]) == 64 and HEX.issuperset(a["hash"])
         assert a["source_hash"] == "test"
         assert datetime.fromisoformat(a["timestamp"]) == T0
-    relevances = [a["relevance"] for a in atoms]
+    relevances = [a["relevance_score"] for a in atoms]
     assert relevances == sorted(relevances, reverse=True)
-    assert [f"[{a['type']}] {a['content']}" for a in atoms] == EXPECTED_ORDER
+    assert [f"[{printed(a)}] {a['content']}" for a in atoms] == EXPECTED_ORDER
     by_content = {a.content: a for a in ROOT.delta_atoms + CHILD.delta_atoms}
     assert all(a["hash"] == by_content[a["content"]].content_hash for a in atoms)
     assert doc["total_tokens"] == sum(estimate_tokens(a["content"]) for a in atoms)
     assert doc["type_summary"] == {"String": 4, "Int": 1, "List[Int]": 1}
     assert doc["molecules"] == []
+
+
+def test_every_command_prints_atoms_in_one_vocabulary(rich, run):
+    # The model's field names (those push reads) plus the atom's hash, in
+    # expand --json, expand --stream --json, query --json and show --json.
+    expected = {a.content_hash: {"hash": a.content_hash, **atom_to_json(a)} for a in ROOT.delta_atoms + CHILD.delta_atoms}
+    printed_by = {
+        "expand --json": json.loads(run(rich, "expand", "--json", CHILD.id).out)["atoms"],
+        "expand --stream --json": [a for line in run(rich, "expand", "--stream", "--json", CHILD.id).lines
+                                   for a in json.loads(line)["atoms"]],
+        "query --json": json.loads(run(rich, "query", "--json", CHILD.id).out),
+        "show --json": json.loads(run(rich, "show", "--json", ROOT.id).out)["atoms_added"],
+    }
+    for command, atoms in printed_by.items():
+        assert atoms, command
+        assert all(a == expected[a["hash"]] for a in atoms), command
 
 
 def test_expand_json_keeps_molecules(home, tmp_path, run):
@@ -573,8 +597,8 @@ def test_expand_min_relevance_filters_and_recounts(rich, run):
     assert result.code == 0, result.err
     doc = json.loads(result.out)
     assert [a["content"] for a in doc["atoms"]] == ["Deadline is Friday", "User prefers Python", "42", "[1, 2, 3]"]
-    assert all(a["relevance"] >= 0.6 for a in doc["atoms"])
-    assert doc["type_summary"] == dict(Counter(a["type"] for a in doc["atoms"]))
+    assert all(a["relevance_score"] >= 0.6 for a in doc["atoms"])
+    assert doc["type_summary"] == dict(Counter(printed(a) for a in doc["atoms"]))
     assert doc["type_summary"] == {"String": 2, "Int": 1, "List[Int]": 1}
     assert doc["total_tokens"] == sum(estimate_tokens(a["content"]) for a in doc["atoms"])
     text = run(rich, "expand", "--min-relevance", "0.6", CHILD.id)
@@ -629,11 +653,12 @@ def test_expand_stream_json_chunks(rich, run, chunk_size, sizes):
         assert chunk["chunk_id"] == i
         assert chunk["is_final"] is (i == len(chunks) - 1)
         for a in chunk["atoms"]:
-            assert set(a) == {"content", "type", "relevance", "hash"}
+            assert set(a) == ATOM_KEYS
     streamed = [a for c in chunks for a in c["atoms"]]
     full = json.loads(run(rich, "expand", "--json", CHILD.id).out)
     assert [a["hash"] for a in streamed] == [a["hash"] for a in full["atoms"]]
-    assert [f"[{a['type']}] {a['content']}" for a in streamed] == EXPECTED_ORDER
+    assert [f"[{printed(a)}] {a['content']}" for a in streamed] == EXPECTED_ORDER
+    assert streamed == full["atoms"]  # one vocabulary, one shape
     assert chunks[-1]["cumulative_tokens"] == full["total_tokens"]
     assert chunks[-1]["progress"] == 1.0
     progress = [c["progress"] for c in chunks]

@@ -610,7 +610,12 @@ def test_stream_chunk_to_dict(store):
     r = stored(store, [root(atom("hello world", 0.5, T_INT))])[0]
     (chunk,) = full_stream(store, r.id)
     d = chunk.to_dict()
-    assert d["atoms"] == [{"content": "hello world", "type": "Int", "relevance": 0.5, "hash": atom("hello world", type_sig=T_INT).content_hash}]
+    hello = atom("hello world", 0.5, T_INT)
+    assert d["atoms"] == [{
+        "hash": hello.content_hash, "content": "hello world",
+        "type_sig": {"name": "Int", "kind": "STAR", "parameters": [], "constraints": []},
+        "timestamp": hello.timestamp.isoformat(), "source_hash": hello.source_hash, "relevance_score": 0.5,
+    }]
     assert d["is_final"] is True
     assert d["progress"] == 1.0
     assert d["cumulative_tokens"] == 2
