@@ -7,6 +7,7 @@ exit, with the store unchanged; a traceback means a bug in ctxfs.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import io
 import json
 import sqlite3
@@ -525,10 +526,33 @@ def _positive_int(text: str) -> int:
     return value
 
 
+HOME_HELP = "the node's directory (default: $CTXFS_HOME, else the user data dir)"
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A (sub)command's parser: it takes --home too, so `ctxfs push --home
+    DIR` works as `ctxfs --home DIR push` does. SUPPRESS leaves the value
+    the main parser read alone unless the option is given here too (then
+    the later one wins)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--home", metavar="DIR", default=argparse.SUPPRESS, help=HOME_HELP)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ctxfs")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctxfs", description="Peer-to-peer sync daemon for AI context.")
-    parser.add_argument("--home", metavar="DIR", help="the node's directory (default: $CTXFS_HOME, else the user data dir)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--home", metavar="DIR", help=HOME_HELP)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    # Nested subcommands (`ref set`) get the same parser class, hence --home.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser)
 
     def add(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)

@@ -292,6 +292,31 @@ def test_ctxfs_home_env_is_used_without_home_flag(tmp_path, run, monkeypatch):
     assert run(None, "init").lines == result.lines
 
 
+def test_home_may_follow_the_command(tmp_path, run, monkeypatch):
+    monkeypatch.setenv("CTXFS_HOME", str(tmp_path / "from-env"))
+    h = tmp_path / "after"
+    init = run(None, "init", "--home", str(h))
+    assert init.code == 0, init.err
+    assert (h / "store.db").exists() and not (tmp_path / "from-env").exists()
+    payload = write(tmp_path / "ex.json", DESIGN_EXAMPLE)
+    (cid,) = run(None, "push", str(payload), "--home", str(h)).lines
+    assert run(None, "expand", cid, "--home", str(h)).lines == ["[String] User prefers Python"]
+    assert run(None, "ref", "set", "--home", str(h), "main", cid).code == 0  # a nested command too
+    assert [r["target"] for r in json.loads(run(None, "ref", "list", "--home", str(h), "--json").out)] == [cid]
+    # Given twice, the later one wins.
+    assert run(tmp_path / "elsewhere", "heads", "--ids", "--home", str(h)).lines == [cid]
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_version(run):
+    from importlib.metadata import version
+
+    assert run(None, "--version").code == 0
+    shown = script("--version")
+    assert shown.returncode == 0
+    assert shown.stdout.decode() == f"ctxfs {version('ctxfs')}\n"
+
+
 @pytest.mark.parametrize(
     "args",
     [
