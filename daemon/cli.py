@@ -139,6 +139,10 @@ def cmd_cluster_key(args: argparse.Namespace, home: HomePaths, out: TextIO) -> i
 def _read_input(source: str) -> str:
     try:
         if source == "-":
+            if sys.stdin.isatty():
+                # Else `ctxfs push` typed alone would seem to hang.
+                print("ctxfs: reading contexts from the terminal (a JSON object, an array, or JSON Lines); "
+                      "end with Ctrl-D, or give a FILE", file=sys.stderr, flush=True)
             data = sys.stdin.buffer.read(MAX_PUSH_BYTES + 1)
         else:
             with open(source, "rb") as f:

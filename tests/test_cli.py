@@ -448,6 +448,50 @@ def test_push_from_stdin(home, run):
     assert len(rows(home)) == 3
 
 
+class _Terminal(io.TextIOWrapper):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_push_from_a_terminal_says_what_it_waits_for(home, run, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", _Terminal(io.BytesIO(DESIGN_EXAMPLE.encode()), encoding="utf-8"))
+    result = run(home, "push")
+    assert result.code == 0, result.err
+    assert result.lines == [context_from_json(json.loads(DESIGN_EXAMPLE)).id]
+    assert result.err == ("ctxfs: reading contexts from the terminal (a JSON object, an array, or JSON Lines); "
+                          "end with Ctrl-D, or give a FILE\n")
+    # Piped input (no terminal) gets no hint.
+    assert run(home, "push", stdin=DESIGN_EXAMPLE.encode()).err == ""
+
+
+def test_script_push_on_a_real_terminal_prints_the_hint_first(tmp_path):
+    import pty
+    import select
+
+    h = str(tmp_path / "node")
+    assert script("--home", h, "init").returncode == 0
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "CTXFS_HOME"}
+    proc = subprocess.Popen([str(CTXFS), "--home", h, "push"], stdin=follower, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    os.close(follower)
+    try:
+        # The hint comes before any input: the command does not sit silent.
+        # (60 s is a guard against a hung test, not a timing assertion.)
+        assert select.select([proc.stderr], [], [], 60)[0], "no word on stderr while waiting for the terminal"
+        hint = proc.stderr.readline().decode()
+        assert hint.startswith("ctxfs: reading contexts from the terminal"), hint
+        os.write(leader, json.dumps(json.loads(DESIGN_EXAMPLE)).encode() + b"\n\x04")  # Ctrl-D: end of input
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(leader)
+    assert proc.returncode == 0, err
+    assert out.decode().split() == [context_from_json(json.loads(DESIGN_EXAMPLE)).id]
+
+
 def _example(**changes) -> str:
     doc = json.loads(DESIGN_EXAMPLE)
     for path, value in changes.items():
