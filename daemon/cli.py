@@ -499,10 +499,14 @@ def cmd_fsck(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
     finally:
         store.close()
     if problems:
-        print(f"fsck: {problems} problem(s) in {count} objects", file=sys.stderr)
+        print(f"fsck: {_count(problems, 'problem')} in {_count(count, 'object')}", file=sys.stderr)
         return 1
-    print(f"fsck: {count} objects, all sound", file=out)
+    print(f"fsck: {_count(count, 'object')}, all sound", file=out)
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 # --------------------------------------------------------------------------

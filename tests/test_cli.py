@@ -884,8 +884,17 @@ def test_fsck_passes_a_sound_store(rich, run):
     result = run(rich, "fsck")
     assert result.code == 0, result.out + result.err
     assert result.err == ""
-    assert len(result.lines) == 1
-    assert "2 objects" in result.lines[0]
+    assert result.lines == ["fsck: 2 objects, all sound"]
+
+
+def test_fsck_counts_in_words_that_agree(home, tmp_path, run):
+    assert run(home, "fsck").lines == ["fsck: 0 objects, all sound"]
+    push(run, home, tmp_path, ROOT)
+    assert run(home, "fsck").lines == ["fsck: 1 object, all sound"]
+    _corrupt_any(home, ROOT.id)
+    assert run(home, "fsck").err == "fsck: 1 problem in 1 object\n"
+    push(run, home, tmp_path, ctx(None, atom("another", 0.5)))
+    assert run(home, "fsck").err == "fsck: 1 problem in 2 objects\n"
 
 
 def _corrupt(home: Path, cid: str) -> None:
@@ -926,6 +935,17 @@ def test_an_object_whose_bytes_do_not_match_its_id_is_never_served(rich, run, ar
     assert rows(rich) == before
     # The sound part of the store is still served.
     assert run(rich, "expand", ROOT.id).lines == EXPECTED_ORDER[1:]
+
+
+def _corrupt_any(home: Path, cid: str) -> None:
+    """One byte more at the end of a stored context (no longer its id's bytes)."""
+    db = sqlite3.connect(home / "store.db")
+    try:
+        with db:
+            (data,) = db.execute("SELECT data FROM contexts WHERE id = ?", (bytes.fromhex(cid),)).fetchone()
+            db.execute("UPDATE contexts SET data = ? WHERE id = ?", (data + b"\x00", bytes.fromhex(cid)))
+    finally:
+        db.close()
 
 
 def test_fsck_names_an_altered_object(rich, run):
