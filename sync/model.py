@@ -436,7 +436,8 @@ def check_new_context(ctx: CompressedContext) -> None:
 
 def _check_relevance_range(atom: MemoryAtom, path: str) -> None:
     if atom.relevance_score > MAX_RELEVANCE:
-        raise ValueError(f"{path}.relevance_score: must be between 0 and {MAX_RELEVANCE:g}, got {atom.relevance_score!r}")
+        raise ValueError(
+            f"{path}.relevance_score: must be between 0 and {MAX_RELEVANCE:g}, got {atom.relevance_score!r}")
 
 
 def fit_budget(atoms: Iterable[MemoryAtom], max_tokens: int | None) -> tuple[list[MemoryAtom], int]:

@@ -642,7 +642,8 @@ def test_expand_json_shape_and_order(rich, run):
 def test_every_command_prints_atoms_in_one_vocabulary(rich, run):
     # The model's field names (those push reads) plus the atom's hash, in
     # expand --json, expand --stream --json, query --json and show --json.
-    expected = {a.content_hash: {"hash": a.content_hash, **atom_to_json(a)} for a in ROOT.delta_atoms + CHILD.delta_atoms}
+    atoms = ROOT.delta_atoms + CHILD.delta_atoms
+    expected = {a.content_hash: {"hash": a.content_hash, **atom_to_json(a)} for a in atoms}
     printed_by = {
         "expand --json": json.loads(run(rich, "expand", "--json", CHILD.id).out)["atoms"],
         "expand --stream --json": [a for line in run(rich, "expand", "--stream", "--json", CHILD.id).lines

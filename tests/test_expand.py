@@ -392,7 +392,8 @@ def test_check_removals_agrees_with_the_expansion(tmp_path_factory, kind, chain,
         # base does not hold is refused.
         batch = chain + [tip]
         first_bad = next((c for c in batch if unheld(c)), None)
-        for where, contexts, bad in ((store, [tip], tip if unheld(tip) else None), (InMemoryContextStore(), batch, first_bad)):
+        cases = ((store, [tip], tip if unheld(tip) else None), (InMemoryContextStore(), batch, first_bad))
+        for where, contexts, bad in cases:
             if bad is None:
                 check_removals(where, contexts)
             else:

@@ -857,7 +857,8 @@ def test_cli_push_removing_an_unheld_atom_through_the_daemon_stores_nothing(home
         code, out, err = run(home, "push", str(tmp_path / "in.jsonl"))
         assert daemon.node.pushed == []
     assert code == 1 and out == ""
-    assert err.splitlines() == [f"ctxfs: line 2: context {bad.id} removes atom {never}, which its base {ROOT.id} does not hold"]
+    assert err.splitlines() == [
+        f"ctxfs: line 2: context {bad.id} removes atom {never}, which its base {ROOT.id} does not hold"]
     assert run(home, "push", str(tmp_path / "in.jsonl"))[2] == err
     assert run(home, "heads")[1] == ""
 
