@@ -7,6 +7,7 @@ exit, with the store unchanged; a traceback means a bug in ctxfs.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import io
 import json
 import sqlite3
@@ -26,15 +27,17 @@ from daemon.status import format_status
 from sync import fulltext
 from sync.codec import DecodeError, atom_to_json, context_from_json, expanded_to_json
 from sync.errors import ErrorCode
-from sync.expand import ExpanderFunctor, ExpansionChunk, stream_expansion
+from sync.expand import ExpanderFunctor, ExpansionChunk, check_removals, stream_expansion
 from sync.model import CompressedContext, ExpandedContext, parse_type
 from sync.query import ContextQuery
 from sync.refs import RefValue
-from sync.store import MissingBase, NotFound, SQLiteContextStore, StoreError
+from sync.store import MissingBase, NotFound, SQLiteContextStore, StoreError, UnheldRemoval
 
 # Largest push input read: far beyond any real context, small enough that a
 # wrong file (a disk image piped in by mistake) is refused before parsing.
 MAX_PUSH_BYTES = 256 * 1024 * 1024
+# Atoms per chunk of `expand --stream` unless --chunk-size says otherwise.
+DEFAULT_CHUNK_SIZE = 10
 # `status --watch` refresh period, seconds.
 WATCH_INTERVAL = 1.0
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
@@ -137,6 +140,10 @@ def cmd_cluster_key(args: argparse.Namespace, home: HomePaths, out: TextIO) -> i
 def _read_input(source: str) -> str:
     try:
         if source == "-":
+            if sys.stdin.isatty():
+                # Else `ctxfs push` typed alone would seem to hang.
+                print("ctxfs: reading contexts from the terminal (a JSON object, an array, or JSON Lines); "
+                      "end with Ctrl-D, or give a FILE", file=sys.stderr, flush=True)
             data = sys.stdin.buffer.read(MAX_PUSH_BYTES + 1)
         else:
             with open(source, "rb") as f:
@@ -151,15 +158,17 @@ def _read_input(source: str) -> str:
         raise CliError(f"input is not UTF-8 (byte {exc.start})") from None
 
 
-def parse_contexts(text: str) -> list[tuple[int | None, CompressedContext]]:
-    """One JSON object, or JSON Lines with one context object per line.
+def parse_contexts(text: str) -> list[tuple[str | None, CompressedContext]]:
+    """One JSON object, a JSON array of them, or JSON Lines with one context
+    object per line.
 
-    Returns (line number, context) pairs; the line is None for a single object.
+    Returns (where, context) pairs: where is `line N` (JSON Lines), `item N`
+    (an array, counted from 1 like lines) or None for a single object.
     """
     if not text.strip():
         raise CliError("input is empty")
     try:
-        documents = [(None, json.loads(text))]
+        whole = json.loads(text)
     except RecursionError:
         raise CliError("input nests too deeply") from None
     except json.JSONDecodeError as exc:
@@ -170,19 +179,24 @@ def parse_contexts(text: str) -> list[tuple[int | None, CompressedContext]]:
             if not line.strip():
                 continue
             try:
-                documents.append((number, json.loads(line)))
+                documents.append((f"line {number}", json.loads(line)))
             except json.JSONDecodeError as line_exc:
                 raise CliError(f"line {number}: not JSON: {line_exc.msg} at column {line_exc.colno}") from None
             except RecursionError:
                 raise CliError(f"line {number}: nests too deeply") from None
+    else:
+        if isinstance(whole, list):
+            documents = [(f"item {number}", doc) for number, doc in enumerate(whole, 1)]
+        else:
+            documents = [(None, whole)]
     if not documents:
         raise CliError("input holds no context")
     contexts = []
-    for number, doc in documents:
+    for where, doc in documents:
         try:
-            contexts.append((number, context_from_json(doc)))
+            contexts.append((where, context_from_json(doc)))
         except DecodeError as exc:
-            raise CliError(f"line {number}: {exc}" if number else str(exc)) from None
+            raise CliError(f"{where}: {exc}" if where else str(exc)) from None
     return contexts
 
 
@@ -245,6 +259,7 @@ def cmd_push(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
         numbered = parse_contexts(_read_input(args.file))
         try:
             contexts = [ctx for _, ctx in numbered]
+            check_removals(store, contexts)
             if args.ref is not None:
                 from daemon import cli_refs
 
@@ -253,9 +268,9 @@ def cmd_push(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
                 ids = _push_via_daemon(home, store, contexts)
                 if ids is None:
                     ids = store.put_many(contexts)
-        except MissingBase as exc:
-            line = next((n for n, ctx in numbered if ctx.id == exc.context_id), None)
-            raise CliError(f"line {line}: {exc}" if line else str(exc)) from None
+        except (MissingBase, UnheldRemoval) as exc:
+            where = next((w for w, ctx in numbered if ctx.id == exc.context_id), None)
+            raise CliError(f"{where}: {exc}" if where else str(exc)) from None
         for cid in ids:
             print(cid, file=out)
     finally:
@@ -282,10 +297,12 @@ def _print_expansion(cid: str, expanded: ExpandedContext, as_json: bool, out: Te
             print(text, file=out)
 
 
-def _expand_via_daemon(args: argparse.Namespace, home: HomePaths, cid: str, out: TextIO) -> bool:
-    """Print the expansion as the running daemon serves it; False if none runs."""
+def _expand_via_daemon(args: argparse.Namespace, home: HomePaths, cid: str, out: TextIO) -> ExpandedContext | bool:
+    """The expansion as the running daemon serves it (a stream is printed
+    here: True); False if no daemon runs, or the answer is too large for
+    one message."""
 
-    async def work(client: localapi.LocalClient) -> bool:
+    async def work(client: localapi.LocalClient) -> ExpandedContext | bool:
         if args.stream:
             chunks = client.expand_stream(
                 cid,
@@ -313,17 +330,30 @@ def _expand_via_daemon(args: argparse.Namespace, home: HomePaths, cid: str, out:
             if exc.code is ErrorCode.LIMIT_EXCEEDED:
                 return False  # too large for one message: read the store directly
             raise
-        _print_expansion(cid, endpoint.expanded_from_response(response), args.json, out)
-        return True
+        return endpoint.expanded_from_response(response)
 
-    return _via_daemon(home, work) is True
+    result = _via_daemon(home, work)
+    return False if result is _NO_DAEMON else result
+
+
+def _why_nothing_fits(expander: ExpanderFunctor, cid: str, min_relevance: float, max_tokens: int) -> str | None:
+    """Why a budget left nothing to print, if atoms were there to print."""
+    sizes = [a.tokens for a in expander.expand(cid).atoms if a.relevance_score >= min_relevance]
+    if not sizes:
+        return None  # nothing to fit: an empty expansion is no surprise
+    return f"no atom fits in {max_tokens} tokens (the smallest takes {min(sizes)}); raise --max-tokens"
 
 
 def cmd_expand(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
+    if args.chunk_size is None:
+        args.chunk_size = DEFAULT_CHUNK_SIZE
+    elif not args.stream:
+        raise CliError("--chunk-size needs --stream (it is the number of atoms per streamed chunk)")
     store = _open_store(home)
     try:
         cid = resolve_id(store, args.id)
-        if _expand_via_daemon(args, home, cid, out):
+        served = _expand_via_daemon(args, home, cid, out)
+        if served is True:
             return 0
         if args.stream:
             chunks = stream_expansion(
@@ -336,8 +366,14 @@ def cmd_expand(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
             for chunk in chunks:
                 _print_chunk(chunk, args.json, out)
             return 0
-        expanded = endpoint.filter_expansion(ExpanderFunctor(store).expand(cid), args.min_relevance, args.max_tokens)
-        _print_expansion(cid, expanded, args.json, out)
+        expander = ExpanderFunctor(store)
+        if served is False:
+            served = endpoint.filter_expansion(expander.expand(cid), args.min_relevance, args.max_tokens)
+        _print_expansion(cid, served, args.json, out)
+        if args.max_tokens is not None and not served.atoms:
+            why = _why_nothing_fits(expander, cid, args.min_relevance, args.max_tokens)
+            if why is not None:
+                print(f"ctxfs: {why}", file=sys.stderr)
     finally:
         store.close()
     return 0
@@ -387,7 +423,7 @@ def cmd_query(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps([{"hash": a.content_hash, **atom_to_json(a)} for a in hits], ensure_ascii=False), file=out)
+        print(json.dumps([atom_to_json(a, with_hash=True) for a in hits], ensure_ascii=False), file=out)
     else:
         for atom in hits:
             print(f"{atom.relevance_score:.2f} [{atom.type_sig}] {atom.content}", file=out)
@@ -487,10 +523,14 @@ def cmd_fsck(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
     finally:
         store.close()
     if problems:
-        print(f"fsck: {problems} problem(s) in {count} objects", file=sys.stderr)
+        print(f"fsck: {_count(problems, 'problem')} in {_count(count, 'object')}", file=sys.stderr)
         return 1
-    print(f"fsck: {count} objects, all sound", file=out)
+    print(f"fsck: {_count(count, 'object')}, all sound", file=out)
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 # --------------------------------------------------------------------------
@@ -518,10 +558,33 @@ def _positive_int(text: str) -> int:
     return value
 
 
+HOME_HELP = "the node's directory (default: $CTXFS_HOME, else the user data dir)"
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A (sub)command's parser: it takes --home too, so `ctxfs push --home
+    DIR` works as `ctxfs --home DIR push` does. SUPPRESS leaves the value
+    the main parser read alone unless the option is given here too (then
+    the later one wins)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--home", metavar="DIR", default=argparse.SUPPRESS, help=HOME_HELP)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ctxfs")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctxfs", description="Peer-to-peer sync daemon for AI context.")
-    parser.add_argument("--home", metavar="DIR", help="the node's directory (default: $CTXFS_HOME, else the user data dir)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--home", metavar="DIR", help=HOME_HELP)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    # Nested subcommands (`ref set`) get the same parser class, hence --home.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser)
 
     def add(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
@@ -531,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("init", cmd_init, "create the node's home, store and identity; print the node id")
     p.add_argument("--cluster-key-file", metavar="F", help="join the cluster whose key is in F")
     add("cluster-key", cmd_cluster_key, "print this node's cluster key")
-    p = add("push", cmd_push, "store contexts given as interchange JSON (an object, or JSON Lines); print their ids")
+    p = add("push", cmd_push,
+            "store contexts given as interchange JSON (an object, an array of them, or JSON Lines); print their ids")
     p.add_argument("file", nargs="?", default="-", metavar="FILE", help="input file, or - for stdin (default)")
     p.add_argument("--ref", metavar="NAME", help="then point ref NAME at the last context (a fast-forward only)")
     p.add_argument("--force", action="store_true", help="with --ref: move the ref even if the push does not build on it")
@@ -540,9 +604,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object (with --stream: one JSON line per chunk)")
     p.add_argument("--stream", action="store_true", help="stream chunks, most relevant first")
     p.add_argument("--min-relevance", type=_non_negative_float, default=0.0, metavar="X")
-    p.add_argument("--chunk-size", type=_positive_int, default=10, metavar="N", help="atoms per chunk (--stream)")
+    p.add_argument("--chunk-size", type=_positive_int, metavar="N",
+                   help=f"atoms per chunk (with --stream only; default {DEFAULT_CHUNK_SIZE})")
     p.add_argument("--max-tokens", type=_positive_int, metavar="N",
-                   help="token budget of the output; with --stream, per chunk (default 500)")
+                   help="token budget of the output: the most relevant atoms that fit; with --stream, per chunk "
+                        "(default 500)")
     p = add("query", cmd_query, "run a ContextQuery over the expansion of a context")
     p.add_argument("id", help="a context id, a unique prefix of one, or a ref name")
     p.add_argument("--type", metavar="T", help="keep atoms whose type unifies with T, e.g. String or List[Int]")

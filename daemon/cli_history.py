@@ -24,7 +24,7 @@ from typing import TextIO
 from daemon.cli import CliError, _open_store, _positive_int, _push_via_daemon, resolve_id
 from daemon.cli_refs import _local_updates, ref_name, write_ref
 from daemon.paths import HomePaths
-from sync.codec import encode_context
+from sync.codec import atom_to_json, encode_context
 from sync.merge import MergeOutcome, MergeResult, merge_contexts, merged_into
 from sync.model import CompressedContext
 from sync.refs import encode_update
@@ -117,10 +117,7 @@ def cmd_show(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
             "depth": depth,
             "compression_metadata": ctx.compression_metadata,
             "molecules": len(ctx.delta_molecules),
-            "atoms_added": [
-                {"hash": a.content_hash, "content": a.content, "type": str(a.type_sig), "relevance": a.relevance_score}
-                for a in ctx.delta_atoms
-            ],
+            "atoms_added": [atom_to_json(a, with_hash=True) for a in ctx.delta_atoms],
             "removed_hashes": sorted(ctx.removed_hashes),
         }
     finally:
@@ -137,8 +134,8 @@ def cmd_show(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
         print(f"message  {_printable((shown['message'].splitlines() or [''])[0])}", file=out)
     print(f"metadata {_printable(json.dumps(ctx.compression_metadata, ensure_ascii=False))}", file=out)
     print(f"delta    +{shown['added']} atoms, -{shown['removed']} atoms, {shown['molecules']} molecules", file=out)
-    lines = [f"+ {a['relevance']:.2f} [{_printable(a['type'])}] {_printable(a['content'])}"
-             for a in shown["atoms_added"]]
+    lines = [f"+ {a.relevance_score:.2f} [{_printable(str(a.type_sig))}] {_printable(a.content)}"
+             for a in ctx.delta_atoms]
     lines += [f"- {h}" for h in shown["removed_hashes"]]
     if lines:
         print(file=out)

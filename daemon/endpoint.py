@@ -23,7 +23,7 @@ from sync.connection import NEED_DATA, Connection, ConnectionClosed, Received, S
 from sync.errors import ErrorCode, RemoteProtocolError, error_code_from_wire
 from sync.merkle import merkle_root
 from sync.messages import ExpandResponse, Goodbye, Message
-from sync.model import ExpandedContext, MemoryAtom, is_id
+from sync.model import ExpandedContext, MemoryAtom, fit_budget, is_id
 from sync.refs import RefUpdate, RefValue, check_ref_name
 from sync.store import NotFound, StoreError
 
@@ -155,20 +155,13 @@ def atom_root(atoms: Sequence[MemoryAtom]) -> bytes:
 
 
 def filter_expansion(expanded: ExpandedContext, min_relevance: float, max_tokens: int | None) -> ExpandedContext:
-    """The expansion cut by relevance and token budget, summaries recomputed.
+    """The expansion cut by relevance and token budget (`model.fit_budget`:
+    the most relevant atoms that fit), summaries recomputed.
 
     The CLI applies the same cut when it reads the store itself, so that
     output is identical through the daemon or not.
     """
-    atoms = []
-    spent = 0
-    for atom in expanded.atoms:
-        if atom.relevance_score < min_relevance:
-            continue
-        if max_tokens is not None and spent + atom.tokens > max_tokens:
-            break
-        spent += atom.tokens
-        atoms.append(atom)
+    atoms, spent = fit_budget((a for a in expanded.atoms if a.relevance_score >= min_relevance), max_tokens)
     summary: dict[str, int] = {}
     for atom in atoms:
         summary[str(atom.type_sig)] = summary.get(str(atom.type_sig), 0) + 1

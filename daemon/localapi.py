@@ -90,7 +90,7 @@ from sync.messages import (
 from sync.model import check_id, is_id
 from sync.query import ContextQuery
 from sync.refs import RefValue, check_ref_name
-from sync.store import MissingBase, NotFound, StoreError, StoreUnavailable
+from sync.store import CorruptObject, MissingBase, NotFound, StoreError, StoreUnavailable
 
 from daemon.endpoint import (
     ConnectionLost,
@@ -296,6 +296,8 @@ def _error_reply(exc: Exception) -> Error:
         code = exc.code
     elif isinstance(exc, StoreUnavailable):
         code = ErrorCode.UNAVAILABLE
+    elif isinstance(exc, CorruptObject):
+        code = ErrorCode.INVALID_OBJECT  # a stored object's bytes no longer match its id
     elif isinstance(exc, MissingBase):
         code = ErrorCode.MISSING_BASE
     elif isinstance(exc, NotFound):

@@ -8,12 +8,26 @@ from pathlib import Path
 import attrs
 import platformdirs
 
-APP_NAME = "contextfs"
+APP_NAME = "ctxfs"
+# The default home's name before it was ctxfs like everything else.
+FORMER_APP_NAME = "contextfs"
 HOME_ENV = "CTXFS_HOME"
 
 
 def default_home() -> Path:
-    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+    """The platform's user data dir for ctxfs (`~/.local/share/ctxfs`).
+
+    A machine set up before the rename has only `.../contextfs`: that home
+    is used where it is, never moved. A daemon, an MCP server or a service
+    may be running from it this moment, with its socket and store open, and
+    tools are configured with its path; moving it under them would split
+    the node. (docs/operations.md says how to move it by hand.)
+    """
+    home = Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+    former = Path(platformdirs.user_data_dir(FORMER_APP_NAME, appauthor=False))
+    if not home.exists() and former.is_dir():
+        return former
+    return home
 
 
 def resolve_home(explicit: str | os.PathLike | None) -> Path:

@@ -34,9 +34,11 @@ import msgpack
 from sync.model import (
     CompressedContext,
     ExpandedContext,
+    MAX_RELEVANCE,
     MAX_TYPE_DEPTH,
     Kind,
     canonical_value,
+    check_new_context,
     MemoryAtom,
     MemoryMolecule,
     TypeSignature,
@@ -264,8 +266,12 @@ def type_to_json(sig: TypeSignature) -> dict:
     }
 
 
-def atom_to_json(atom: MemoryAtom) -> dict:
+def atom_to_json(atom: MemoryAtom, *, with_hash: bool = False) -> dict:
+    """An atom in the interchange JSON; `with_hash` puts its id first as
+    `hash`, as every command that prints atoms does (one vocabulary: the
+    model's field names, whatever the command)."""
     return {
+        **({"hash": atom.content_hash} if with_hash else {}),
         "content": atom.content,
         "type_sig": type_to_json(atom.type_sig),
         "timestamp": atom.timestamp.isoformat(),
@@ -365,13 +371,16 @@ def atom_from_json(value: Any, path: str) -> MemoryAtom:
         when = datetime.fromisoformat(stamp)
     except ValueError:
         raise DecodeError(f"{obj.at('timestamp')}: expected an ISO-8601 timestamp, got {stamp!r:.40}") from None
+    relevance = obj.get("relevance_score", (int, float), "a number", 1.0)
+    if not 0 <= relevance <= MAX_RELEVANCE:  # NaN too
+        raise DecodeError(f"{obj.at('relevance_score')}: must be between 0 and {MAX_RELEVANCE:g}, got {relevance!r:.40}")
     try:
         return MemoryAtom(
             obj.get("content", str, "a string"),
             type_from_json(obj.get("type_sig", dict, "a type object"), obj.at("type_sig")),
             when,
             obj.get("source_hash", str, "a string"),
-            obj.get("relevance_score", (int, float), "a number", 1.0),
+            relevance,
         )
     except DecodeError:
         raise
@@ -399,12 +408,18 @@ def molecule_from_json(value: Any, path: str) -> MemoryMolecule:
 def context_from_json(value: Any) -> CompressedContext:
     """The interchange JSON object -> context, or DecodeError naming the bad field.
 
+    JSON is how contexts are written, so the rules for new contexts
+    (`model.check_new_context`: no empty root, no removals in a root,
+    relevance in 0..1) apply here; bytes (`decode_context`) are held
+    objects, from a store or a peer, and are not judged by them.
+
     The context is also encoded once here, so that what cannot be stored
     (a lone surrogate, an integer beyond 64 bits, an oversized context) is
     refused now with a clear message rather than later by the store.
     """
     try:
         ctx = _context_from_json(value)
+        check_new_context(ctx)
         size = len(encode_context(ctx))
     except DecodeError:
         raise
@@ -449,17 +464,7 @@ def expanded_to_json(context_id: str, expanded: ExpandedContext, atom_root: str 
     """The `ctxfs expand --json` object (design.md)."""
     out = {
         "id": check_id(context_id),
-        "atoms": [
-            {
-                "hash": a.content_hash,
-                "content": a.content,
-                "type": str(a.type_sig),
-                "relevance": a.relevance_score,
-                "timestamp": a.timestamp.isoformat(),
-                "source_hash": a.source_hash,
-            }
-            for a in expanded.atoms
-        ],
+        "atoms": [atom_to_json(a, with_hash=True) for a in expanded.atoms],
         "molecules": [molecule_to_json(m) for m in expanded.molecules],
         "expansion_path": list(expanded.expansion_path),
         "total_tokens": expanded.total_tokens_estimate,

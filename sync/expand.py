@@ -21,13 +21,14 @@ import bisect
 import heapq
 import itertools
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+
 import attrs
 import msgpack
 
 from sync import codec
 from sync.model import CompressedContext, ExpandedContext, MemoryAtom, MemoryMolecule
-from sync.store import ContextStore, MissingBase, NotFound
+from sync.store import ContextStore, MissingBase, NotFound, UnheldRemoval
 
 # Expansions kept for memoisation. Each holds one entry per live atom, so
 # eight 100k-atom expansions are a few hundred MB at worst; LRU beyond that.
@@ -202,6 +203,65 @@ class IncrementalExpander:
         return self._state.result()
 
 
+def check_removals(store: ContextStore, contexts: Sequence[CompressedContext]) -> None:
+    """Refuse contexts about to be written whose removals remove nothing.
+
+    Raises UnheldRemoval for a context that removes an atom its base's
+    expansion does not hold (a wrong hash, or the wrong base: never a
+    change anyone meant), and MissingBase for one whose base is neither
+    stored nor earlier in `contexts`. Bases may be earlier in `contexts`.
+
+    A rule for writing, like `model.check_new_context`, but it needs the
+    base, so it runs on the write path (`ctxfs push`) rather than on every
+    object: stored and synced contexts are not judged by it.
+
+    Each removed id is decided walking back from the base: the nearest
+    context that adds it (held) or removes it (gone) decides, and the walk
+    stops once every id is decided, so the cost is the distance to the
+    atoms removed, not the size of the expansion.
+    """
+    batch: dict[str, CompressedContext] = {}
+    for ctx in contexts:
+        base = ctx.base_hash
+        if base is not None and base not in batch and not store.has(base):
+            raise MissingBase(ctx.id, base)
+        if ctx.removed_hashes:
+            unheld = _not_held(store, batch, base, ctx.removed_hashes)
+            if unheld:
+                raise UnheldRemoval(ctx.id, base, sorted(unheld))
+        batch[ctx.id] = ctx
+
+
+def _not_held(store: ContextStore, batch: dict[str, CompressedContext], base: str | None,
+              atom_ids: Iterable[str]) -> set[str]:
+    """Which of `atom_ids` the expansion of `base` does not hold."""
+    pending = set(atom_ids)
+    gone: set[str] = set()
+
+    def decide(added: set[str], removed: Iterable[str]) -> None:
+        # Within one context removals come first, then additions.
+        removed = set(removed)
+        for h in list(pending):
+            if h in added:
+                pending.discard(h)
+            elif h in removed:
+                pending.discard(h)
+                gone.add(h)
+
+    current = base
+    while current is not None and pending and current in batch:
+        ctx = batch[current]
+        decide({a.content_hash for a in ctx.delta_atoms}, ctx.removed_hashes)
+        current = ctx.base_hash
+    if current is not None and pending:
+        for _cid, data in store.walk_back_bytes(current):
+            _version, _base, atoms, _molecules, removed, _metadata = msgpack.unpackb(data, use_list=False)
+            decide({codec.raw_atom_id(raw[0], raw[1]).hex() for raw in atoms}, (h.hex() for h in removed))
+            if not pending:
+                break
+    return gone | pending
+
+
 def compose(parent: CompressedContext, child: CompressedContext) -> CompressedContext:
     """Squash `child` into its `parent`: one delta over the parent's base.
 
@@ -236,12 +296,11 @@ class ExpansionChunk:
     expansion_progress: float
 
     def to_dict(self) -> dict:
+        """The seed's shape, with atoms as every command prints them
+        (`codec.atom_to_json` with their hash: the model's field names)."""
         return {
             "chunk_id": self.chunk_id,
-            "atoms": [
-                {"content": a.content, "type": str(a.type_sig), "relevance": a.relevance_score, "hash": a.content_hash}
-                for a in self.atoms
-            ],
+            "atoms": [codec.atom_to_json(a, with_hash=True) for a in self.atoms],
             "is_final": self.is_final,
             "cumulative_tokens": self.cumulative_tokens,
             "progress": self.expansion_progress,

@@ -262,6 +262,10 @@ def _relevance(value: Any) -> float:
     return value + 0.0  # folds -0.0 into 0.0: one value, one encoding
 
 
+# The seed's model treats relevance as a score from 0 (irrelevant) to 1.
+MAX_RELEVANCE = 1.0
+
+
 def estimate_tokens(text: str) -> int:
     """The seed's token estimate: words × 1.3, in integers."""
     return len(text.split()) * 13 // 10
@@ -403,6 +407,57 @@ class CompressedContext:
         return len(self.delta_atoms) + len(self.delta_molecules) + len(self.removed_hashes)
 
 
+def check_new_context(ctx: CompressedContext) -> None:
+    """Refuse (ValueError naming the field) a context that no one should make now.
+
+    These are rules for contexts being written (the interchange JSON that
+    `ctxfs push` and the local client read), not for contexts that exist:
+    the constructors and the decoder take any context the encoding can
+    hold, because stores and peers already hold contexts of these shapes,
+    made before the rules, and those must go on reading and syncing. They
+    are harmless to expand: an empty root expands to nothing, a root's
+    removals to no change, and a relevance above 1 sorts first.
+
+    - a root (no base) adds at least one atom or molecule: `{}` is no context;
+    - a root removes nothing: it has no base to remove from;
+    - every relevance (of delta atoms and molecule atoms) is in 0..1.
+    """
+    if ctx.base_hash is None:
+        if ctx.removed_hashes:
+            raise ValueError("removed_hashes: a root context (base_hash null) has nothing to remove")
+        if not ctx.delta_atoms and not ctx.delta_molecules:
+            raise ValueError("a root context (base_hash null) must add at least one atom or molecule")
+    for index, atom in enumerate(ctx.delta_atoms):
+        _check_relevance_range(atom, f"delta_atoms[{index}]")
+    for m, molecule in enumerate(ctx.delta_molecules):
+        for index, atom in enumerate(molecule.atoms):
+            _check_relevance_range(atom, f"delta_molecules[{m}].atoms[{index}]")
+
+
+def _check_relevance_range(atom: MemoryAtom, path: str) -> None:
+    if atom.relevance_score > MAX_RELEVANCE:
+        raise ValueError(
+            f"{path}.relevance_score: must be between 0 and {MAX_RELEVANCE:g}, got {atom.relevance_score!r}")
+
+
+def fit_budget(atoms: Iterable[MemoryAtom], max_tokens: int | None) -> tuple[list[MemoryAtom], int]:
+    """The atoms that fit `max_tokens`, in the order given, and the tokens they take.
+
+    Each atom is taken if it still fits; one too large for what is left is
+    skipped and the smaller ones after it are still taken, so a budget never
+    comes back empty because its most relevant atom alone is larger.
+    """
+    kept = []
+    spent = 0
+    for atom in atoms:
+        cost = atom.tokens
+        if max_tokens is not None and spent + cost > max_tokens:
+            continue
+        spent += cost
+        kept.append(atom)
+    return kept, spent
+
+
 @attrs.frozen
 class ExpandedContext:
     """The full context for an AI: atoms most relevant first, and how it was built."""
@@ -414,13 +469,8 @@ class ExpandedContext:
     type_summary: dict[str, int] = attrs.field(converter=dict)
 
     def to_prompt_context(self, max_tokens: int | None = None) -> str:
-        """`[Type] content` lines, most relevant first, until the budget is spent."""
-        lines = []
-        spent = 0
-        for atom in self.atoms:
-            cost = atom.tokens
-            if max_tokens is not None and spent + cost > max_tokens:
-                break
-            spent += cost
-            lines.append(f"[{atom.type_sig}] {atom.content}")
-        return "\n".join(lines)
+        """`[Type] content` lines, most relevant first, of the atoms that fit
+        the budget (`fit_budget`: an atom too large for what is left is
+        skipped, smaller ones after it still fit)."""
+        kept, _spent = fit_budget(self.atoms, max_tokens)
+        return "\n".join(f"[{atom.type_sig}] {atom.content}" for atom in kept)

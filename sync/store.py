@@ -64,6 +64,29 @@ class MissingTarget(MissingBase):
         self.name = name
 
 
+class CorruptObject(StoreError):
+    """A stored object's bytes no longer hash to its id (the disk or
+    someone changed them): it is never served, decoded or sent."""
+
+    def __init__(self, object_id: str) -> None:
+        super().__init__(f"object {object_id} is damaged in the store (its bytes do not match its id); "
+                         "run `ctxfs fsck`")
+        self.object_id = object_id
+
+
+class UnheldRemoval(StoreError, ValueError):
+    """A context removes atoms its base's expansion does not hold: a wrong
+    hash or a wrong base, never a change (`expand.check_removals`)."""
+
+    def __init__(self, context_id: str, base_id: str | None, atom_ids: list[str]) -> None:
+        more = f" and {len(atom_ids) - 1} more" if len(atom_ids) > 1 else ""
+        where = f"its base {base_id}" if base_id is not None else "a root (it has no base)"
+        super().__init__(f"context {context_id} removes atom {atom_ids[0]}{more}, which {where} does not hold")
+        self.context_id = context_id
+        self.base_id = base_id
+        self.atom_ids = tuple(atom_ids)
+
+
 class ContextTooLarge(StoreError, ValueError):
     def __init__(self, size: int) -> None:
         super().__init__(f"context encodes to {size} bytes; the limit is {MAX_CONTEXT_BYTES} (split it into a chain)")
@@ -309,6 +332,15 @@ SELECT chain.id, contexts.data FROM chain JOIN contexts ON contexts.id = chain.i
 """
 
 
+def _verified(object_id: str, data: bytes) -> bytes:
+    """`data` if it hashes to `object_id`, else CorruptObject. Every read
+    that hands stored bytes on goes through this (as git checks hashes on
+    read): hashing costs little next to decoding what it guards."""
+    if bytes_id(data) != object_id:
+        raise CorruptObject(object_id)
+    return data
+
+
 def _id_chunks(object_ids: Sequence[str], size: int = 500):
     """Ids as blobs, in slices under SQLite's bound-variable limit."""
     for start in range(0, len(object_ids), size):
@@ -325,6 +357,11 @@ class SQLiteContextStore:
 
     One connection, guarded by a lock, so the daemon may call it from worker
     threads; SQLite serialises writers anyway.
+
+    Reads that hand stored bytes on (`get_bytes`, `get`, `walk_back*`,
+    `get_many_bytes`) hash them first and raise CorruptObject if the file
+    no longer holds what was put: a damaged row is never expanded, shown
+    or sent. (The memory store keeps the bytes it checked on put.)
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -457,10 +494,11 @@ class SQLiteContextStore:
             row = self._db.execute("SELECT data FROM contexts WHERE id = ?", (bytes.fromhex(context_id),)).fetchone()
         if row is None:
             raise NotFound(context_id)
-        return row[0]
+        return _verified(context_id, row[0])
 
     def get(self, context_id: str) -> CompressedContext:
-        # Our own bytes, checked when they were put; fsck re-verifies them.
+        # Our own bytes, checked when they were put and hashed again on
+        # read (get_bytes); fsck re-verifies their form too.
         return decode_context(self.get_bytes(context_id), verify=False)
 
     def has(self, context_id: str) -> bool:
@@ -496,14 +534,15 @@ class SQLiteContextStore:
             raise NotFound(context_id)
         while rows:
             for cid, data in rows:
-                yield cid.hex(), data
+                yield cid.hex(), _verified(cid.hex(), data)
             batch = min(batch * 2, 256)
             with self._lock:
                 rows = cursor.fetchmany(batch)
 
     def walk_back(self, context_id: str) -> Iterator[tuple[str, CompressedContext]]:
         for cid, data in self.walk_back_bytes(context_id):
-            # Our own bytes, checked when they were put; fsck re-verifies them.
+            # Our own bytes, checked when they were put and hashed again on
+            # read (walk_back_bytes); fsck re-verifies their form too.
             yield cid, decode_context(data, verify=False)
 
     def send_order(self, object_ids: Sequence[str]) -> list[tuple[str, int]]:
@@ -541,7 +580,7 @@ class SQLiteContextStore:
                     f" UNION ALL SELECT id, data FROM ref_updates WHERE id IN ({marks})", chunk + chunk
                 ).fetchall())
         try:
-            return [found[bytes.fromhex(oid)] for oid in object_ids]
+            return [_verified(oid, found[bytes.fromhex(oid)]) for oid in object_ids]
         except KeyError as exc:
             raise NotFound(exc.args[0].hex(), "object") from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sync.codec import context_to_json
 from sync.store import SQLiteContextStore
 from test_cli import (  # noqa: F401  (run, home and _no_ambient_home are fixtures)
     CHILD,
@@ -56,8 +57,8 @@ def test_show_json_has_every_field(rich, run):
     assert doc["message"] == "tidy up" and doc["compression_metadata"] == {"message": "tidy up"}
     assert (doc["added"], doc["removed"], doc["molecules"]) == (1, 1, 0)
     [added] = doc["atoms_added"]
-    assert added == {"hash": removal.delta_atoms[0].content_hash, "content": "Later", "type": "String",
-                     "relevance": 0.3}
+    assert added == {"hash": removal.delta_atoms[0].content_hash, **context_to_json(removal)["delta_atoms"][0]}
+    assert (added["type_sig"]["name"], added["relevance_score"]) == ("String", 0.3)
     assert doc["removed_hashes"] == [ROOT.delta_atoms[0].content_hash]
     assert doc["refs"] == []
     assert json.loads(run(rich, "show", "main", "--json").out)["refs"] == ["main"]

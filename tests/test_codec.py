@@ -84,6 +84,21 @@ contexts = st.builds(
     metadata,
 )
 
+# What the rules for new contexts (model.check_new_context) let anyone write
+# as interchange JSON: relevance in 0..1, roots that add something and
+# remove nothing.
+unit_relevances = st.floats(min_value=0.0, max_value=1.0, allow_nan=False) | st.sampled_from([0, 1, 0.5])
+new_atoms = st.builds(MemoryAtom, st.text(max_size=20), types | constrained_types, timestamps, st.text(max_size=10),
+                      unit_relevances)
+new_molecules = st.builds(MemoryMolecule, st.lists(new_atoms, max_size=2), relations, types, metadata)
+new_contexts = st.builds(
+    CompressedContext, ids, st.lists(new_atoms, max_size=4), st.lists(new_molecules, max_size=2),
+    st.frozensets(ids, max_size=3), metadata,
+) | st.builds(
+    CompressedContext, st.none(), st.lists(new_atoms, min_size=1, max_size=4), st.lists(new_molecules, max_size=2),
+    st.just(frozenset()), metadata,
+)
+
 
 def raw_of(ctx: CompressedContext) -> list:
     """The canonical structure, unpacked back from the canonical bytes."""
@@ -347,7 +362,7 @@ def test_fuzz_mutated_valid_encodings_only_decode_error(data):
 
 
 @PROPERTY
-@given(contexts)
+@given(new_contexts)
 def test_json_round_trip(ctx):
     assert context_from_json(context_to_json(ctx)) == ctx
     through_text = json.loads(json.dumps(context_to_json(ctx)))
@@ -377,7 +392,67 @@ def test_json_shape():
 def test_json_defaults():
     minimal = {"delta_atoms": [{"content": "x", "type_sig": {"name": "String", "kind": "STAR"}, "timestamp": "2024-05-01T12:00:00", "source_hash": "test-source"}]}
     assert context_from_json(minimal) == root(atom("x"))
-    assert context_from_json({}) == root()
+    assert context_from_json({"delta_molecules": [context_to_json(SAMPLE)["delta_molecules"][0]]}).is_root
+
+
+@pytest.mark.parametrize(
+    "doc, needle",
+    [
+        ({}, "a root context (base_hash null) must add at least one atom or molecule"),
+        ({"compression_metadata": {"source": "x"}}, "must add at least one atom"),
+        ({"removed_hashes": ["22" * 32], "delta_atoms": [context_to_json(SAMPLE)["delta_atoms"][0]]},
+         "removed_hashes: a root context (base_hash null) has nothing to remove"),
+    ],
+    ids=["empty-object", "metadata-only", "root-that-removes"],
+)
+def test_json_refuses_a_root_that_adds_nothing_or_removes(doc, needle):
+    with pytest.raises(DecodeError) as info:
+        context_from_json(doc)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        (["delta_atoms", 0, "relevance_score"], 1.5),
+        (["delta_atoms", 1, "relevance_score"], -0.5),
+        (["delta_atoms", 0, "relevance_score"], 2),
+        (["delta_molecules", 0, "atoms", 0, "relevance_score"], 1.0000001),
+    ],
+)
+def test_json_relevance_outside_0_to_1_is_refused(path, value):
+    with pytest.raises(DecodeError) as info:
+        context_from_json(_bad(path, value))
+    field = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
+    assert str(info.value) == f"{field}: must be between 0 and 1, got {value!r}"
+
+
+def test_json_relevance_at_the_bounds_and_an_empty_delta_are_accepted():
+    low = context_from_json(_bad(["delta_atoms", 0, "relevance_score"], 0))
+    high = context_from_json(_bad(["delta_atoms", 0, "relevance_score"], 1))
+    assert [a.relevance_score for a in (low.delta_atoms[0], high.delta_atoms[0])] == [0.0, 1.0]
+    # A delta that changes nothing is the identity of expansion, not an error.
+    assert context_from_json({"base_hash": "11" * 32}) == CompressedContext("11" * 32, ())
+
+
+@pytest.mark.parametrize(
+    "ctx",
+    [
+        root(),
+        root(removed=["22" * 32]),
+        root(atom("over-rated", 1.5)),
+        root(molecules=[molecule(atom("in a molecule", 7.0))]),
+    ],
+    ids=["empty-root", "root-that-removes", "relevance-1.5", "molecule-relevance-7"],
+)
+def test_bytes_of_contexts_made_before_the_rules_still_decode(ctx):
+    # Stores and peers hold contexts of these shapes (the JSON took them
+    # before): the wire and the stores read them, only JSON refuses them.
+    data = encode_context(ctx)
+    assert decode_context(data) == ctx
+    assert decode_context(data, verify=False) == ctx
+    with pytest.raises(DecodeError):
+        context_from_json(context_to_json(ctx))
 
 
 def test_json_output_does_not_alias_the_context():

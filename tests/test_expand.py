@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from helpers import (
     STORE_KINDS,
+    UNIVERSE_IDS,
     atom,
     chains,
     contents,
@@ -22,9 +23,9 @@ from helpers import (
     root,
     scores,
 )
-from sync.expand import ExpanderFunctor, IncrementalExpander, compose, stream_expansion
+from sync.expand import ExpanderFunctor, IncrementalExpander, check_removals, compose, stream_expansion
 from sync.model import T_INT, T_LIST, T_STRING, CompressedContext, estimate_tokens
-from sync.store import InMemoryContextStore, MissingBase, NotFound
+from sync.store import InMemoryContextStore, MissingBase, NotFound, UnheldRemoval
 
 UNKNOWN = "cd" * 32
 
@@ -300,6 +301,110 @@ def test_compose_squashes_into_one_delta(store):
     assert scores(expand(store, squashed).atoms) == scores(expand(store, c.id).atoms)
 
 
+# --- removals that remove nothing ------------------------------------------------
+
+
+def test_check_removals_takes_removals_of_held_atoms(store):
+    a, b, c = atom("a"), atom("b"), atom("c")
+    r = root(a, b)
+    mid = delta(r, c, removed={b.content_hash})
+    back = delta(mid, b)  # b again, after its removal
+    stored(store, [r, mid, back])
+    check_removals(store, [delta(back, removed={a.content_hash, b.content_hash, c.content_hash})])
+    # A base earlier in the same batch, removing what that batch added.
+    d = delta(back, atom("d"))
+    check_removals(store, [d, delta(d, removed={atom("d").content_hash, a.content_hash})])
+    # Removed and re-added by one context: removals come first, so it is held.
+    same = delta(r, b, removed={b.content_hash})
+    check_removals(store, [same, delta(same, removed={b.content_hash})])
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["never-held", "removed-before", "removed-earlier-in-batch", "other-type", "root"],
+)
+def test_check_removals_refuses_removals_of_atoms_the_base_does_not_hold(store, case):
+    a, b = atom("a"), atom("b")
+    r = root(a, b)
+    gone = delta(r, removed={b.content_hash})
+    stored(store, [r, gone])
+    batch = {
+        "never-held": [delta(r, removed={atom("never").content_hash})],
+        "removed-before": [delta(gone, removed={b.content_hash})],
+        "removed-earlier-in-batch": [delta(r, removed={a.content_hash}), None],
+        "other-type": [delta(r, removed={atom("a", type_sig=T_INT).content_hash})],
+        "root": [root(atom("x"), removed={a.content_hash})],
+    }[case]
+    if batch[-1] is None:
+        batch[-1] = delta(batch[0], removed={a.content_hash})
+    with pytest.raises(UnheldRemoval) as info:
+        check_removals(store, batch)
+    assert info.value.context_id == batch[-1].id
+    assert len(info.value.atom_ids) == 1
+    assert info.value.atom_ids[0] in str(info.value) and batch[-1].id in str(info.value)
+
+
+def test_check_removals_names_the_first_unheld_id_and_counts_the_rest(store):
+    r = stored(store, [root(atom("a"))])[0]
+    unheld = sorted(atom(f"never {i}").content_hash for i in range(3))
+    with pytest.raises(UnheldRemoval) as info:
+        check_removals(store, [delta(r, removed=set(unheld) | {atom("a").content_hash})])
+    assert info.value.atom_ids == tuple(unheld)
+    assert f"removes atom {unheld[0]} and 2 more, which its base {r.id} does not hold" in str(info.value)
+
+
+def test_check_removals_refuses_a_missing_base_in_batch_order(store):
+    orphan = delta(UNKNOWN, atom("x"))
+    with pytest.raises(MissingBase) as info:
+        check_removals(store, [orphan, delta(orphan, removed={atom("x").content_hash})])
+    assert info.value.context_id == orphan.id and info.value.base_id == UNKNOWN
+
+
+def test_check_removals_walks_back_only_to_the_atoms_removed(tmp_path):
+    # A removal of the tip's own atom reads one row of a 2,000-deep chain.
+    store = make_store("sqlite", tmp_path)
+    chain = stored(store, linear_chain(2000))
+    read = []
+    walk = store.walk_back_bytes
+    store.walk_back_bytes = lambda cid: (read.append(row[0]) or row for row in walk(cid))
+    check_removals(store, [delta(chain[-1], removed={atom("fact 1999", 0.5).content_hash})])
+    assert read == [chain[-1].id]
+    check_removals(store, [delta(chain[-1], removed={atom("fact 0", 0.5).content_hash})])
+    assert len(read) == 1 + 2000
+    store.close()
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+@PROPERTY
+@given(chain=chains(), removed=st.frozensets(st.sampled_from(UNIVERSE_IDS), min_size=1, max_size=4))
+def test_check_removals_agrees_with_the_expansion(tmp_path_factory, kind, chain, removed):
+    store = make_store(kind, tmp_path_factory.mktemp("s"))
+    try:
+        stored(store, chain)
+        tip = delta(chain[-1], removed=removed)
+
+        def unheld(ctx: CompressedContext) -> set[str]:
+            live = hashes(expand(store, ctx.base_hash).atoms) if ctx.base_hash is not None else set()
+            return set(ctx.removed_hashes) - live
+
+        # The tip over the stored chain; then the whole chain as one batch
+        # over an empty store, where the first context to remove what its
+        # base does not hold is refused.
+        batch = chain + [tip]
+        first_bad = next((c for c in batch if unheld(c)), None)
+        cases = ((store, [tip], tip if unheld(tip) else None), (InMemoryContextStore(), batch, first_bad))
+        for where, contexts, bad in cases:
+            if bad is None:
+                check_removals(where, contexts)
+            else:
+                with pytest.raises(UnheldRemoval) as info:
+                    check_removals(where, contexts)
+                assert info.value.context_id == bad.id
+                assert set(info.value.atom_ids) == unheld(bad)
+    finally:
+        store.close()
+
+
 # --- the two laws -------------------------------------------------------------
 
 
@@ -506,7 +611,12 @@ def test_stream_chunk_to_dict(store):
     r = stored(store, [root(atom("hello world", 0.5, T_INT))])[0]
     (chunk,) = full_stream(store, r.id)
     d = chunk.to_dict()
-    assert d["atoms"] == [{"content": "hello world", "type": "Int", "relevance": 0.5, "hash": atom("hello world", type_sig=T_INT).content_hash}]
+    hello = atom("hello world", 0.5, T_INT)
+    assert d["atoms"] == [{
+        "hash": hello.content_hash, "content": "hello world",
+        "type_sig": {"name": "Int", "kind": "STAR", "parameters": [], "constraints": []},
+        "timestamp": hello.timestamp.isoformat(), "source_hash": hello.source_hash, "relevance_score": 0.5,
+    }]
     assert d["is_final"] is True
     assert d["progress"] == 1.0
     assert d["cumulative_tokens"] == 2

@@ -232,16 +232,18 @@ async def test_expand_applies_min_relevance_and_max_tokens(server, node, paths):
         async with LocalClient.connect(paths) as client:
             response = await client.expand(CHILD.id, min_relevance=0.6, max_tokens=4)
     # Worked out here, not by the server's own helper: atoms at or above
-    # 0.6, most relevant first, until the next would pass 4 tokens.
+    # 0.6, most relevant first, each taken if it still fits 4 tokens.
     kept, spent = [], 0
     for item in ExpanderFunctor(node.store).expand(CHILD.id).atoms:
         if item.relevance_score < 0.6:
             continue
         if spent + item.tokens > 4:
-            break
+            continue
         kept.append(item)
         spent += item.tokens
-    assert response.atoms == tuple(kept) and len(kept) < 3
+    assert response.atoms == tuple(kept)
+    # "User prefers Python" (3 tokens) no longer fits after the deadline (3); "42" (1) does.
+    assert [a.content for a in kept] == ["Deadline is Friday", "42"]
     assert response.total_tokens == spent
     summary = {}
     for item in kept:
@@ -782,6 +784,65 @@ def test_cli_push_goes_through_the_daemon(home, tmp_path, run):
         assert daemon.node.pushed == [[ROOT.id, CHILD.id]]  # one transaction
 
 
+def _damage(home: Path, context_id: str) -> None:
+    """Change one stored row's bytes behind the store's back (still MessagePack)."""
+    import sqlite3
+
+    db = sqlite3.connect(home / "store.db")
+    try:
+        with db:
+            (data,) = db.execute("SELECT data FROM contexts WHERE id = ?", (bytes.fromhex(context_id),)).fetchone()
+            altered = data.replace(b"Deadline", b"Deadlink")
+            assert altered != data
+            db.execute("UPDATE contexts SET data = ? WHERE id = ?", (altered, bytes.fromhex(context_id)))
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["expand", "CHILD"], ["expand", "--json", "CHILD"], ["expand", "--stream", "--json", "CHILD"], ["query", "CHILD"]],
+    ids=lambda a: " ".join(a),
+)
+def test_the_daemon_never_serves_an_object_whose_bytes_do_not_match_its_id(home, tmp_path, run, args):
+    (tmp_path / "in.jsonl").write_text(jsonl(ROOT, CHILD))
+    assert run(home, "push", str(tmp_path / "in.jsonl"))[0] == 0
+    _damage(home, CHILD.id)
+    args = [{"CHILD": CHILD.id}.get(a, a) for a in args]
+    with DaemonThread(home) as daemon:
+        code, out, err = run(home, *args)
+        assert daemon.node.thread_hops > 0, "the daemon was not asked"
+        # What is sound is still served.
+        assert run(home, "expand", ROOT.id)[0] == 0
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        f"ctxfs: object {CHILD.id} is damaged in the store (its bytes do not match its id); run `ctxfs fsck`"]
+
+
+async def test_a_damaged_object_is_refused_with_invalid_object(paths, nursery):
+    store = SQLiteContextStore(paths.store)
+    store.put_many([ROOT, CHILD])
+    _damage(paths.root, CHILD.id)
+    node = FakeNode(paths, store)
+    await nursery.start(LocalApiServer(node).serve)
+    try:
+        with trio.fail_after(GUARD):
+            async with LocalClient.connect(paths) as client:
+                for call in (lambda: client.expand(CHILD.id), lambda: client.query(CHILD.id)):
+                    with pytest.raises(LocalApiError) as info:
+                        await call()
+                    assert info.value.code is ErrorCode.INVALID_OBJECT
+                    assert CHILD.id in info.value.message and "ctxfs fsck" in info.value.message
+                with pytest.raises(LocalApiError) as info:
+                    async with client.expand_stream(CHILD.id) as chunks:
+                        async for _chunk in chunks:
+                            pass
+                assert info.value.code is ErrorCode.INVALID_OBJECT
+                assert (await client.expand(ROOT.id)).atoms  # the sound root still is
+    finally:
+        store.close()
+
+
 def test_cli_push_unknown_base_through_the_daemon_names_the_line_and_stores_nothing(home, tmp_path, run):
     orphan = delta("ee" * 32, atom("orphan"))
     (tmp_path / "in.jsonl").write_text(jsonl(ROOT, orphan))
@@ -794,6 +855,20 @@ def test_cli_push_unknown_base_through_the_daemon_names_the_line_and_stores_noth
     assert run(home, "push", str(tmp_path / "in.jsonl"))[2] == err
 
 
+def test_cli_push_removing_an_unheld_atom_through_the_daemon_stores_nothing(home, tmp_path, run):
+    never = atom("never held").content_hash
+    bad = delta(ROOT, atom("new"), removed={never})
+    (tmp_path / "in.jsonl").write_text(jsonl(ROOT, bad))
+    with DaemonThread(home) as daemon:
+        code, out, err = run(home, "push", str(tmp_path / "in.jsonl"))
+        assert daemon.node.pushed == []
+    assert code == 1 and out == ""
+    assert err.splitlines() == [
+        f"ctxfs: line 2: context {bad.id} removes atom {never}, which its base {ROOT.id} does not hold"]
+    assert run(home, "push", str(tmp_path / "in.jsonl"))[2] == err
+    assert run(home, "heads")[1] == ""
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -801,6 +876,7 @@ def test_cli_push_unknown_base_through_the_daemon_names_the_line_and_stores_noth
         ["expand", "--json", "CHILD"],
         ["expand", "--json", "--min-relevance", "0.6", "CHILD"],
         ["expand", "--max-tokens", "5", "CHILD"],
+        ["expand", "--max-tokens", "2", "--min-relevance", "0.9", "CHILD"],
         ["expand", "--stream", "--json", "--chunk-size", "2", "CHILD"],
         ["expand", "--stream", "--min-relevance", "0.5", "CHILD"],
         ["query", "CHILD", "--json"],

@@ -279,7 +279,9 @@ async def test_the_readme_mcp_configuration_starts_a_working_server(cluster):  #
     entry = json.loads(block.group(1))["mcpServers"]["ctxfs"]
     assert entry["command"].endswith("/scripts/ctxfs") and "mcp" in entry["args"]
     home = cluster.home("readme")
-    args = [str(home) if arg.endswith("contextfs") else arg for arg in entry["args"]]
+    home_at = entry["args"].index("--home") + 1
+    assert entry["args"][home_at].endswith("/ctxfs")  # the default home's name
+    args = [str(home) if i == home_at else arg for i, arg in enumerate(entry["args"])]
     script = Path(__file__).resolve().parent.parent / "scripts" / "ctxfs"
     params = StdioServerParameters(command=str(script), args=args)
     async with Client(params, mode="legacy", read_timeout_seconds=120) as client:

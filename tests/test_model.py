@@ -28,6 +28,8 @@ from sync.model import (
     MemoryAtom,
     MemoryMolecule,
     TypeSignature,
+    check_new_context,
+    fit_budget,
     is_id,
     parse_type,
 )
@@ -371,6 +373,43 @@ def test_is_root_and_delta_size():
     assert d.delta_size == 3
 
 
+@pytest.mark.parametrize(
+    "ctx, message",
+    [
+        (root(), "a root context (base_hash null) must add at least one atom or molecule"),
+        (root(note="only metadata"), "a root context (base_hash null) must add at least one atom or molecule"),
+        (root(atom("a"), removed=[ID_A]), "removed_hashes: a root context (base_hash null) has nothing to remove"),
+        (root(atom("a"), atom("b", 1.5)), "delta_atoms[1].relevance_score: must be between 0 and 1, got 1.5"),
+        (CompressedContext(ID_A, (), (molecule(atom("m", 3.0)),)),
+         "delta_molecules[0].atoms[0].relevance_score: must be between 0 and 1, got 3.0"),
+    ],
+    ids=["empty-root", "metadata-only-root", "root-that-removes", "relevance-1.5", "molecule-relevance-3"],
+)
+def test_check_new_context_refuses_what_no_one_should_write(ctx, message):
+    with pytest.raises(ValueError) as info:
+        check_new_context(ctx)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "ctx",
+    [
+        root(atom("a", 0.0), atom("b", 1.0)),
+        root(molecules=[molecule()]),  # a root of molecules alone adds something
+        CompressedContext(ID_A, ()),  # an empty delta: expansion's identity
+        CompressedContext(ID_A, (), removed_hashes={atom("a").content_hash}),
+    ],
+    ids=["relevance-bounds", "molecule-root", "empty-delta", "delta-that-removes"],
+)
+def test_check_new_context_accepts_sound_contexts(ctx):
+    check_new_context(ctx)
+
+
+def test_the_model_still_holds_contexts_made_before_the_rules():
+    # Stores and peers hold such contexts; the classes must build them.
+    assert root().is_root and root(atom("a", 1.5)).delta_atoms[0].relevance_score == 1.5
+
+
 # --- ExpandedContext ----------------------------------------------------------
 
 
@@ -387,8 +426,18 @@ def test_to_prompt_context_budget():
     # 2, 3 and 1 tokens
     e = _expanded(atom("one two", 0.9), atom("a b c", 0.5), atom("z", 0.1))
     assert e.to_prompt_context(2) == "[String] one two"
-    assert e.to_prompt_context(4) == "[String] one two"
+    # An atom too large for what is left is skipped; smaller ones still fit.
+    assert e.to_prompt_context(4) == "[String] one two\n[String] z"
     assert e.to_prompt_context(5) == "[String] one two\n[String] a b c"
     assert e.to_prompt_context(6) == "[String] one two\n[String] a b c\n[String] z"
-    assert e.to_prompt_context(1) == ""
+    assert e.to_prompt_context(1) == "[String] z"
     assert e.to_prompt_context(0) == ""
+
+
+def test_fit_budget_keeps_the_most_relevant_atoms_that_fit_in_order():
+    atoms = [atom("one two three four five six", 0.9), atom("a b", 0.8), atom("x y z w", 0.5), atom("q", 0.1)]
+    # 7, 2, 5 and 1 tokens: with 5, the first is too large alone, yet 2 + 1 fit.
+    assert fit_budget(atoms, 5) == ([atoms[1], atoms[3]], 3)
+    assert fit_budget(atoms, 7) == ([atoms[0]], 7)
+    assert fit_budget(atoms, 0) == ([], 0)
+    assert fit_budget(atoms, None) == (atoms, 15)

@@ -320,3 +320,52 @@ def test_a_full_disk_is_a_clear_store_error_and_changes_nothing(tmp_path):
     store.put(big)
     assert store.has(big.id)
     store.close()
+
+
+def test_contexts_made_before_the_new_context_rules_still_store_sync_and_pass_fsck(store):
+    # The interchange JSON refuses these now (model.check_new_context), but
+    # stores and peers hold them from before: the receive path (put_encoded,
+    # a peer's OBJECTS), reads and fsck must go on taking them.
+    from sync.expand import ExpanderFunctor
+
+    empty = root()
+    removing = root(atom("kept", 0.5), removed=[UNKNOWN])
+    over = delta(removing, atom("over-rated", 1.5))
+    assert store.put_encoded([encode_context(c) for c in (empty, removing, over)]) == [empty.id, removing.id, over.id]
+    assert [a.content for a in ExpanderFunctor(store).expand(over.id).atoms] == ["over-rated", "kept"]
+    assert ExpanderFunctor(store).expand(empty.id).atoms == ()
+    assert store.get(over.id) == over
+    if isinstance(store, SQLiteContextStore):
+        assert list(store.fsck()) == []
+
+
+@pytest.mark.parametrize("replacement", ["flipped-bit", "another-contexts-bytes"])
+def test_reads_never_hand_on_bytes_that_do_not_match_their_id(tmp_path, family, replacement):
+    from sync.store import CorruptObject
+
+    r, a, b, c = family
+    path = tmp_path / "s.db"
+    s = SQLiteContextStore(path)
+    try:
+        s.put_many([r, a, b, c])
+        data = bytearray(encode_context(a))
+        data[-1] ^= 0x01
+        _overwrite(path, a.id, bytes(data) if replacement == "flipped-bit" else encode_context(c))
+        reads = {
+            "get": lambda: s.get(a.id),
+            "get_bytes": lambda: s.get_bytes(a.id),
+            "walk_back": lambda: list(s.walk_back(b.id)),
+            "walk_back_bytes": lambda: list(s.walk_back_bytes(b.id)),
+            "get_many_bytes": lambda: s.get_many_bytes([r.id, a.id]),
+        }
+        for name, read in reads.items():
+            with pytest.raises(CorruptObject) as info:
+                read()
+            assert info.value.object_id == a.id, name
+            assert a.id in str(info.value) and "ctxfs fsck" in str(info.value), name
+        # What is sound is still served, and ids alone are no bytes.
+        assert s.get(c.id) == c and [cid for cid, _ in s.walk_back(c.id)] == [c.id, r.id]
+        assert s.get_lineage(b.id) == [r.id, a.id, b.id]
+        assert s.get_many_bytes([b.id]) == [encode_context(b)]
+    finally:
+        s.close()
