@@ -47,7 +47,7 @@ import trio
 from daemon.logs import RateLimitedLog, forget_traceback as _forget_traceback
 from daemon.paths import HomePaths
 from sync import frames, fulltext
-from sync.codec import DecodeError, decode_context
+from sync.codec import DecodeError
 from sync.connection import Connection, ConnectionClosed, Received, State
 from sync.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from sync.expand import StreamCursor
@@ -89,7 +89,7 @@ from sync.messages import (
 )
 from sync.model import check_id, is_id
 from sync.query import ContextQuery
-from sync.refs import RefValue, check_ref_name
+from sync.refs import RefValue, check_ref_name, is_ref_update_bytes
 from sync.store import CorruptObject, MissingBase, NotFound, StoreError, StoreUnavailable
 
 from daemon.endpoint import (
@@ -97,7 +97,6 @@ from daemon.endpoint import (
     DaemonAlreadyRunning,
     DaemonNotRunning,
     HELLO_TIMEOUT,
-    INLINE_DECODE_BYTES,
     LISTEN_BACKLOG,
     LOCK_TIMEOUT,
     LocalApiError,
@@ -634,12 +633,10 @@ class _Session(_Endpoint):
                 context_id, update_ids = await self.node.append_to_ref(
                     message.name, message.delta_atoms, [h.hex() for h in message.removed_hashes], message.metadata)
                 return Ack(ids=tuple(bytes.fromhex(i) for i in [context_id, *update_ids]))
-            data = message.context
-            if len(data) > INLINE_DECODE_BYTES:
-                context = await trio.to_thread.run_sync(decode_context, data)
-            else:
-                context = decode_context(data, verify=True)
-            ids = await self.node.add_contexts([context])
+            # One context: the same path as a push of many (rules included).
+            if is_ref_update_bytes(message.context):
+                raise PushRefused("PUSH_CONTEXT carries contexts; this is a ref update (use REF_SET)")
+            ids = await self.node.add_batches(lambda: [[message.context]])
             return Ack(ids=tuple(bytes.fromhex(i) for i in ids))
         except Exception as exc:
             return _error_reply(exc)

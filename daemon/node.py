@@ -28,10 +28,10 @@ from daemon.paths import HomePaths
 from sync import overlay, refs
 from sync.append import build_append
 from sync.codec import encode_context
-from sync.expand import ExpanderFunctor
+from sync.expand import ExpanderFunctor, check_removals
 from sync.idset import IdSet
 from sync.messages import Hello, make_hello
-from sync.model import CompressedContext, MemoryAtom, check_id
+from sync.model import CompressedContext, MemoryAtom, check_id, check_new_context
 from sync.store import SQLiteContextStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,15 @@ MAX_HANDSHAKES_PER_HOST = 16
 # How long stored ids may wait for running reconciliations before entering
 # the in-memory set (and the root) anyway.
 MAX_INDEX_DELAY = 2.0
+
+
+def _check_written(store, contexts: list[CompressedContext]) -> None:
+    """The rules for contexts written on this node (a push), not for what
+    peers send: no empty root, no removals in a root, relevance in 0..1
+    (`model.check_new_context`), no removal of an atom the base lacks."""
+    for ctx in contexts:
+        check_new_context(ctx)
+    check_removals(store, contexts)
 
 
 # Dials in a row that fail before a chosen peer counts as gone: the overlay
@@ -154,11 +163,15 @@ class Node:
         return ids
 
     async def add_batches(self, batches: Callable[[], Iterable[Sequence[bytes]]]) -> list[str]:
-        """Verify and store contexts (no ref updates) read from `batches()`
-        — called in a worker thread, so it may read a file — all in one
-        transaction; announce one new root. A whole push of the local API
-        (daemon/pushes.py). Raises as add_encoded."""
-        return self._stored(await self._put(lambda: self.store.put_encoded_batches(batches())))
+        """Verify and store contexts written here (no ref updates), read
+        from `batches()` — called in a worker thread, so it may read a file
+        — all in one transaction; announce one new root. A push of the
+        local API (daemon/pushes.py). The rules for new contexts apply
+        (ValueError, UnheldRemoval: see `_check_written`); else raises as
+        add_encoded."""
+        store = self.store
+        return self._stored(await self._put(
+            lambda: store.put_encoded_batches(batches(), check=functools.partial(_check_written, store))))
 
     async def _put(self, put: Callable, *args) -> list[str]:
         if self.store_error is not None and trio.current_time() < self._store_retry_at:

@@ -21,7 +21,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -106,7 +106,7 @@ class ContextStore(Protocol):
     def put(self, ctx: CompressedContext) -> str: ...
     def put_many(self, contexts: Sequence[CompressedContext]) -> list[str]: ...
     def put_encoded(self, blobs: Sequence[bytes]) -> list[str]: ...
-    def put_encoded_batches(self, batches: Iterable[Sequence[bytes]]) -> list[str]: ...
+    def put_encoded_batches(self, batches: Iterable[Sequence[bytes]], check: _Check | None = None) -> list[str]: ...
     def put_ref_updates(self, updates: Sequence[RefUpdate]) -> list[str]: ...
     def get(self, context_id: str) -> CompressedContext: ...
     def get_bytes(self, context_id: str) -> bytes: ...
@@ -132,6 +132,8 @@ class ContextStore(Protocol):
 # (id, update, bytes), each in batch order, and every id in batch order.
 _Checked = tuple[list[tuple[str, CompressedContext, bytes]], list[refstore.Entry], list[str]]
 _Object = CompressedContext | RefUpdate
+# A caller's rules for the contexts of a put (raises to refuse it all).
+_Check = Callable[[list[CompressedContext]], None]
 
 
 def _decode_batch(blobs: Sequence[bytes]) -> list[tuple[_Object, bytes]]:
@@ -197,9 +199,12 @@ class InMemoryContextStore:
         """Store canonical bytes from outside, verified: the receive path."""
         return self._insert(_check_encoded(_decode_batch(blobs), self.has))
 
-    def put_encoded_batches(self, batches: Iterable[Sequence[bytes]]) -> list[str]:
+    def put_encoded_batches(self, batches: Iterable[Sequence[bytes]], check: _Check | None = None) -> list[str]:
         """`put_encoded` of every batch, all or nothing (see the SQLite store)."""
-        return self.put_encoded([blob for batch in batches for blob in batch])
+        checked = _check_encoded(_decode_batch([blob for batch in batches for blob in batch]), self.has)
+        if check is not None:
+            check([ctx for _cid, ctx, _data in checked[0]])
+        return self._insert(checked)
 
     def put_ref_updates(self, updates: Sequence[RefUpdate]) -> list[str]:
         """Store ref updates made here (by `refs.updates_for_write`), in order."""
@@ -429,15 +434,18 @@ class SQLiteContextStore:
         Contexts and ref updates may come mixed; all or nothing is stored."""
         return self._insert(_decode_batch(blobs))
 
-    def put_encoded_batches(self, batches: Iterable[Sequence[bytes]]) -> list[str]:
+    def put_encoded_batches(self, batches: Iterable[Sequence[bytes]], check: _Check | None = None) -> list[str]:
         """`put_encoded` of every batch in one transaction: all or nothing.
 
         For a put too large to decode at once (a whole push through the
         daemon): each batch is verified and inserted in turn, and a later
         batch may build on an earlier one (the transaction sees its own
         rows). The batches may be read lazily, e.g. from a spool file.
+        `check(contexts)`, if given, sees each batch's contexts before they
+        are inserted (reads inside it see the batches before) and refuses
+        the whole put by raising: the rules for contexts written here.
         """
-        return self._insert_batches(_decode_batch(blobs) for blobs in batches)
+        return self._insert_batches((_decode_batch(blobs) for blobs in batches), check)
 
     def put_ref_updates(self, updates: Sequence[RefUpdate]) -> list[str]:
         """Store ref updates made here (by `refs.updates_for_write`), in order."""
@@ -446,7 +454,8 @@ class SQLiteContextStore:
     def _insert(self, pairs: Sequence[tuple[_Object, bytes]]) -> list[str]:
         return self._insert_batches([pairs])
 
-    def _insert_batches(self, batches: Iterable[Sequence[tuple[_Object, bytes]]]) -> list[str]:
+    def _insert_batches(self, batches: Iterable[Sequence[tuple[_Object, bytes]]],
+                        check: _Check | None = None) -> list[str]:
         # The lock spans the commit and the cache update: no reader sees
         # the table without an update the file holds.
         order: list[str] = []
@@ -455,6 +464,8 @@ class SQLiteContextStore:
             with self._transaction():
                 for pairs in batches:
                     contexts, updates, ids = _check_encoded(pairs, self.has)
+                    if check is not None:
+                        check([ctx for _cid, ctx, _data in contexts])
                     self._insert_contexts(contexts)
                     refstore.sqlite_insert(self._db, updates)
                     order += ids

@@ -337,3 +337,45 @@ def context_to_json_line(ctx) -> str:
     import json
 
     return json.dumps(context_to_json(ctx)) + "\n"
+
+
+# --------------------------------------------------------------------------
+# the rules for new contexts hold for any local API client, not only the CLI
+# --------------------------------------------------------------------------
+
+
+async def test_the_daemon_refuses_what_no_one_should_write_from_any_client(tmp_path, nursery):
+    from node_helpers import start_node  # a real Node: its push path applies the rules
+
+    node = await start_node(nursery, tmp_path, "a")
+    base = root(atom("kept", 0.5))
+    bad = {
+        "empty root": root(),
+        "relevance above 1": root(atom("too sure", 1.5)),
+        "removes from nothing": delta(base, atom("x", 0.5), removed=["ab" * 32]),
+    }
+    with trio.fail_after(GUARD):
+        async with LocalClient.connect(node.paths) as client:
+            assert await client.push([base]) == [base.id]
+            for label, ctx in bad.items():
+                with pytest.raises(LocalApiError) as info:
+                    await client.push([small(1)[0], ctx])  # in a push of many: none of it is kept
+                assert info.value.code is ErrorCode.BAD_REQUEST, label
+                with pytest.raises(LocalApiError):
+                    await client.push([ctx])  # alone
+            raw = await RawClient.open(node.paths)
+            await raw.handshake()
+            from sync.refs import make_update
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+            from datetime import datetime, timezone
+            from sync.refs import encode_update
+
+            update = make_update(name="main", target=base.id, supersedes=[], key=Ed25519PrivateKey.generate(),
+                                 time=datetime.now(timezone.utc))
+            stream_id = raw.conn.open_stream()
+            await raw.send(PushContext(context=encode_update(update)), stream_id)
+            event = await raw.event()
+            while not isinstance(event.message, Error):
+                event = await raw.event()
+            assert event.message.code == ErrorCode.BAD_REQUEST and "ref update" in event.message.message
+    assert len(node.index) == 1
