@@ -13,6 +13,7 @@ import collections
 import functools
 import heapq
 import logging
+import os
 import random
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -60,6 +61,16 @@ MAX_HANDSHAKES_PER_HOST = 16
 MAX_INDEX_DELAY = 2.0
 
 
+def _state_changed(info: PeerInfo, _attribute: attrs.Attribute, state: str) -> str:
+    # Every change of state is timed here, wherever a session makes it.
+    if state == "connected":
+        info.goodbye = None
+        info.disconnected_at = None
+    elif info.state == "connected":
+        info.disconnected_at = datetime.now(timezone.utc)
+    return state
+
+
 @attrs.define
 class PeerInfo:
     """What `status` shows about one peer; updated by its session."""
@@ -67,12 +78,19 @@ class PeerInfo:
     address: str
     source: str  # "static" | "mdns" | "inbound"
     node_id: str | None = None
-    state: str = "connecting"  # "connected" | "connecting" | "disconnected"
+    state: str = attrs.field(default="connecting", on_setattr=_state_changed)  # "connected" | "connecting" | "disconnected"
     root: bytes | None = None
     last_sync: datetime | None = None
     objects_sent: int = 0
     objects_received: int = 0
     error: str | None = None
+    # The reason the peer gave in the GOODBYE that ended its last session
+    # (it left on purpose: stopped, or was told to); None if that session
+    # ended otherwise, or the peer is connected.
+    goodbye: str | None = None
+    # When the last session ended (for status); None while connected or
+    # before the first session.
+    disconnected_at: datetime | None = None
 
 
 class Node:
@@ -350,10 +368,12 @@ class Node:
 
         A peer known both as a static address and as an inbound connection
         (both sides dialled) is one row: the live session's, under the
-        address it was configured or discovered with.
+        address it was configured or discovered with. `goodbye` and
+        `disconnected_at` say how and when its latest session ended.
         """
         root = self.root()
         rows: dict[str, dict] = {}
+        ended: dict[str, datetime] = {}
         preference = {"static": 0, "mdns": 1, "inbound": 2}
         for info in sorted(self.peers.values(), key=lambda p: preference.get(p.source, 3)):
             key = info.node_id or info.address
@@ -372,9 +392,16 @@ class Node:
                     "objects_sent": 0,
                     "objects_received": 0,
                     "error": live_info.error,
+                    "goodbye": None,
+                    "disconnected_at": None,
                 }
             row["objects_sent"] += info.objects_sent
             row["objects_received"] += info.objects_received
+            # How the peer's latest session ended, whichever row held it.
+            if live is None and info.disconnected_at is not None and (key not in ended or info.disconnected_at > ended[key]):
+                ended[key] = info.disconnected_at
+                row["goodbye"] = info.goodbye
+                row["disconnected_at"] = info.disconnected_at.isoformat()
         listen = format_address(*self.listen_address) if self.listen_address else None
         return {
             "schema": STATUS_SCHEMA,
@@ -544,7 +571,7 @@ class Node:
                 info.error = exc.message
                 _refusals.warning(key, "peer %s: %s", key, exc.message)
             except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                info.error = f"cannot connect: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+                info.error = f"cannot connect: {_connect_failure(exc, self.config.hello_timeout_seconds)}"
             # Lost the one-connection-per-pair rule: the peer's own dial is
             # the connection. Redial only once that one is gone.
             while info.node_id is not None and info.node_id in self.sessions:
@@ -554,6 +581,20 @@ class Node:
                 delay = self.config.reconnect_min_seconds
             await trio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, self.config.reconnect_max_seconds)
+
+
+def _connect_failure(exc: BaseException, timeout: float) -> str:
+    """Why a dial failed, as the OS said it ("Connection refused"), not a class name."""
+    if isinstance(exc, trio.TooSlowError):
+        return f"no answer within {timeout:g} s"
+    if isinstance(exc, trio.BrokenResourceError):
+        return "the connection broke during the TLS handshake"
+    # trio's "all attempts to connect to HOST:PORT failed" carries the reasons in its cause.
+    causes = exc.__cause__.exceptions if isinstance(exc.__cause__, BaseExceptionGroup) else (exc,)
+    reasons = dict.fromkeys(
+        os.strerror(c.errno) if isinstance(c, OSError) and c.errno else str(c) or type(c).__name__ for c in causes
+    )
+    return "; ".join(reasons)
 
 
 async def _run_until_signalled(node: Node) -> None:
