@@ -372,6 +372,9 @@ class Node:
         `disconnected_at` say how and when its latest session ended.
         """
         root = self.root()
+        # Ids committed here but not yet in the root (they wait while a
+        # reconciliation runs): peers lack them, whatever the roots say.
+        unannounced = any(i not in self.index for i in self._pending_ids)
         rows: dict[str, dict] = {}
         ended: dict[str, datetime] = {}
         preference = {"static": 0, "mdns": 1, "inbound": 2}
@@ -387,7 +390,7 @@ class Node:
                     "source": info.source,
                     "state": "connected" if live is not None else info.state,
                     "root": live_info.root.hex() if live_info.root is not None else None,
-                    "in_sync": live is not None and live_info.root == root,
+                    "in_sync": live is not None and live_info.root == root and not unannounced,
                     "last_sync": live_info.last_sync.isoformat() if live_info.last_sync else None,
                     "objects_sent": 0,
                     "objects_received": 0,

@@ -11,7 +11,7 @@ import datetime as dt
 import trio
 
 from hostile_helpers import HostileMember
-from node_helpers import start_node, wait_converged
+from node_helpers import context, start_node, wait_converged
 
 BOUND = 30
 
@@ -103,4 +103,26 @@ async def test_a_failed_dial_says_what_the_system_said(tmp_path):
         a = await start_node(nursery, tmp_path, "a", peers=[dead_address()])
         row = await until(lambda: a.status()["peers"] and (r := a.status()["peers"][0])["error"] and r)
         assert row["error"] == "cannot connect: Connection refused"  # was "cannot connect: OSError"
+        nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------
+# in sync means nothing is waiting to be announced
+# --------------------------------------------------------------------------
+
+
+async def test_a_context_stored_but_not_yet_in_the_root_is_not_in_sync(tmp_path):
+    """While a reconciliation runs, new ids wait outside the root: the
+    roots still match, but the peer lacks what was just stored."""
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, tmp_path, "a")
+        b = await start_node(nursery, tmp_path, "b", peers=[a.listen_address])
+        await connected(a, b)
+        a.begin_reconcile()
+        await a.add_contexts([context("just stored")])
+        assert row_of(a, b.node_id)["root"] == a.root().hex()  # the roots agree...
+        assert row_of(a, b.node_id)["in_sync"] is False  # ...and yet b lacks it
+        a.end_reconcile()
+        await wait_converged([a, b])
+        assert len(b.index) == 1
         nursery.cancel_scope.cancel()
