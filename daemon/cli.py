@@ -546,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_history.add_parser(sub)  # show, log, heads, merge
     cli_refs.add_parser(sub)
+    from daemon import cli_peers
+
+    cli_peers.add_parser(sub)  # peer forget
     from daemon import cli_mcp
 
     cli_mcp.add_parser(sub)  # mcp

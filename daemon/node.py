@@ -23,7 +23,7 @@ import attrs
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from daemon.config import NodeConfig, format_address
+from daemon.config import ConfigError, NodeConfig, format_address, parse_address
 from daemon.logs import RateLimitedLog
 from daemon.paths import HomePaths
 from sync import refs
@@ -45,8 +45,15 @@ STATUS_SCHEMA = 2
 MAX_STATUS_CONFLICTS = 1000
 # Rows kept in status for inbound peers whose session ended (with their last
 # error), most recent last; older ones are forgotten. Static and discovered
-# peers keep their row: they are dialled again.
+# peers keep their row while they are dialled (see below).
 MAX_DISCONNECTED_INBOUND = 16
+# A peer that dialled us or that mDNS found, not connected for this long,
+# leaves status (and an mDNS one is no longer dialled; discovery proposes it
+# again while it still advertises). An hour keeps in view who left and why
+# across a reboot or a meeting, and drops a laptop gone for the day; a peer
+# that left has long since been dialled at the backoff's cap (30 s) for
+# nothing. Static peers are configuration: they stay until `peer forget`.
+FORGET_ABSENT_PEERS_SECONDS = 3600.0
 # After a write failed (disk full), receiving pauses this long before the
 # store is probed again: peers' data is refused at once meanwhile, and the
 # disk is not hammered with writes that cannot succeed.
@@ -68,6 +75,7 @@ def _state_changed(info: PeerInfo, _attribute: attrs.Attribute, state: str) -> s
         info.disconnected_at = None
     elif info.state == "connected":
         info.disconnected_at = datetime.now(timezone.utc)
+        info.absent_since = trio.current_time()
     return state
 
 
@@ -91,6 +99,9 @@ class PeerInfo:
     # When the last session ended (for status); None while connected or
     # before the first session.
     disconnected_at: datetime | None = None
+    # trio time since when the peer has not been connected: when its last
+    # session ended, else when it was first proposed (FORGET_ABSENT_PEERS_SECONDS).
+    absent_since: float = attrs.field(factory=trio.current_time)
 
 
 class Node:
@@ -126,6 +137,7 @@ class Node:
         self._ref_writes = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._dialing: set[str] = set()  # addresses a dial loop runs for
+        self._diallers: dict[str, _Dialler] = {}  # by address: how to stop a dial loop
         self._inbound = 0  # inbound member sessions now (TLS done)
         self._handshakes: collections.Counter[str] = collections.Counter()  # TLS handshakes by source host
         # Why the store cannot be written now (status shows it), else None.
@@ -369,8 +381,11 @@ class Node:
         A peer known both as a static address and as an inbound connection
         (both sides dialled) is one row: the live session's, under the
         address it was configured or discovered with. `goodbye` and
-        `disconnected_at` say how and when its latest session ended.
+        `disconnected_at` say how and when its latest session ended. Rows
+        of peers absent too long (FORGET_ABSENT_PEERS_SECONDS) are dropped
+        first.
         """
+        self._forget_absent()
         root = self.root()
         # Ids committed here but not yet in the root (they wait while a
         # reconciliation runs): peers lack them, whatever the roots say.
@@ -417,6 +432,61 @@ class Node:
             "conflicts": heapq.nsmallest(MAX_STATUS_CONFLICTS, self._ref_conflicts),
             "peers": sorted(rows.values(), key=lambda r: r["address"]),
         }
+
+    def _forget_absent(self) -> None:
+        """Drop the rows of peers absent for FORGET_ABSENT_PEERS_SECONDS (static ones stay)."""
+        cutoff = trio.current_time() - FORGET_ABSENT_PEERS_SECONDS
+        # A peer is absent since the latest end of any of its rows' sessions.
+        since: dict[str, float] = {}
+        for info in self.peers.values():
+            if info.node_id is not None:
+                since[info.node_id] = max(since.get(info.node_id, info.absent_since), info.absent_since)
+        absent = [
+            key for key, info in self.peers.items()
+            if info.source != "static" and info.state != "connected"
+            and info.node_id not in self.sessions  # connected the other way
+            and since.get(info.node_id, info.absent_since) < cutoff
+        ]
+        for key in absent:
+            self._drop_peer(key)
+
+    def _drop_peer(self, key: str) -> PeerInfo:
+        info = self.peers.pop(key)
+        dialler = self._diallers.get(key)
+        if dialler is not None and dialler.info is info:
+            dialler.scope.cancel()
+        return info
+
+    def forget_peer(self, text: str) -> list[dict]:
+        """Drop the rows of the peers `text` names and stop dialling them:
+        a node id or a unique prefix of one (4+ hex digits), or an address
+        as status shows it. Returns [{node_id, address}] of what was dropped.
+
+        LookupError if no peer matches; ValueError if one of them is
+        connected (its row would be back at once) or a prefix names several.
+        A static peer is dialled again when the daemon next starts.
+        """
+        text = text.strip()
+        if len(text) >= 4 and all(c in "0123456789abcdef" for c in text.lower()):
+            prefix = text.lower()
+            keys = [k for k, i in self.peers.items() if i.node_id is not None and i.node_id.startswith(prefix)]
+            named = sorted({self.peers[k].node_id for k in keys})
+            if len(named) > 1:
+                raise ValueError(f"{len(named)} peers have ids starting with {text}: "
+                                 f"{', '.join(n[:12] for n in named[:5])}; give more digits")
+        else:
+            try:
+                wanted = {text, format_address(*parse_address(text, "peer"))}
+            except ConfigError:
+                wanted = {text}
+            keys = [k for k, i in self.peers.items() if i.address in wanted]
+        if not keys:
+            raise LookupError(f"no peer matches {text!r} (`ctxfs status` lists them)")
+        for key in keys:
+            node_id = self.peers[key].node_id
+            if node_id is not None and node_id in self.sessions:
+                raise ValueError(f"peer {node_id[:12]} is connected; only a peer that is not can be forgotten")
+        return [{"node_id": info.node_id, "address": info.address} for info in map(self._drop_peer, keys)]
 
     def note_sync(self, info: PeerInfo) -> None:
         if info.root == self.root():
@@ -553,13 +623,26 @@ class Node:
         self._nursery.start_soon(self._dial_forever, address, source)
 
     async def _dial_forever(self, address: tuple[str, int], source: str) -> None:
-        """Keep one connection to a static peer, reconnecting with capped backoff."""
+        """Keep one connection to a static or discovered peer, reconnecting
+        with capped backoff, until the peer is forgotten."""
+        key = format_address(*address)
+        info = self.peers.setdefault(key, PeerInfo(address=key, source=source))
+        # Forgetting the peer (its row dropped) ends this loop.
+        with trio.CancelScope() as scope:
+            self._diallers[key] = _Dialler(scope=scope, info=info)
+            try:
+                await self._dial(address, info)
+            finally:
+                if self._diallers.get(key) is not None and self._diallers[key].scope is scope:
+                    del self._diallers[key]
+                    self._dialing.discard(key)
+
+    async def _dial(self, address: tuple[str, int], info: PeerInfo) -> None:
         from daemon.peer import run_session
 
         from daemon import tls
 
-        key = format_address(*address)
-        info = self.peers.setdefault(key, PeerInfo(address=key, source=source))
+        key = info.address
         delay = self.config.reconnect_min_seconds
         while True:
             info.state = "connecting"
@@ -584,6 +667,12 @@ class Node:
                 delay = self.config.reconnect_min_seconds
             await trio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, self.config.reconnect_max_seconds)
+
+
+@attrs.frozen(kw_only=True)
+class _Dialler:
+    scope: trio.CancelScope
+    info: PeerInfo
 
 
 def _connect_failure(exc: BaseException, timeout: float) -> str:
