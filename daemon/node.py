@@ -99,6 +99,9 @@ class PeerInfo:
     # When the last session ended (for status); None while connected or
     # before the first session.
     disconnected_at: datetime | None = None
+    # Where the peer accepts connections: the dialled address for static and
+    # mDNS peers; for an inbound one what its certificate says, if it says.
+    listen: str | None = None
     # trio time since when the peer has not been connected: when its last
     # session ended, else when it was first proposed (FORGET_ABSENT_PEERS_SECONDS).
     absent_since: float = attrs.field(factory=trio.current_time)
@@ -381,9 +384,9 @@ class Node:
         A peer known both as a static address and as an inbound connection
         (both sides dialled) is one row: the live session's, under the
         address it was configured or discovered with. `goodbye` and
-        `disconnected_at` say how and when its latest session ended. Rows
-        of peers absent too long (FORGET_ABSENT_PEERS_SECONDS) are dropped
-        first.
+        `disconnected_at` say how and when its latest session ended;
+        `listen` where it accepts connections, when known. Rows of peers
+        absent too long (FORGET_ABSENT_PEERS_SECONDS) are dropped first.
         """
         self._forget_absent()
         root = self.root()
@@ -412,7 +415,9 @@ class Node:
                     "error": live_info.error,
                     "goodbye": None,
                     "disconnected_at": None,
+                    "listen": info.listen,
                 }
+            row["listen"] = row["listen"] or info.listen
             row["objects_sent"] += info.objects_sent
             row["objects_received"] += info.objects_received
             # How the peer's latest session ended, whichever row held it.
@@ -479,7 +484,7 @@ class Node:
                 wanted = {text, format_address(*parse_address(text, "peer"))}
             except ConfigError:
                 wanted = {text}
-            keys = [k for k, i in self.peers.items() if i.address in wanted]
+            keys = [k for k, i in self.peers.items() if i.address in wanted or i.listen in wanted]
         if not keys:
             raise LookupError(f"no peer matches {text!r} (`ctxfs status` lists them)")
         for key in keys:
@@ -503,8 +508,6 @@ class Node:
         if identity.node_id != self.node_id:
             raise security.KeyFileError(f"{self.paths.node_key} holds node {identity.node_id[:12]}, not {self.node_id[:12]}")
         self._node_key = identity.node_key
-        self._server_tls = tls.server_context(identity)
-        self._client_tls = tls.client_context(identity)
         self.store = SQLiteContextStore(self.paths.store)
         self.expander = ExpanderFunctor(self.store)
         try:
@@ -520,9 +523,15 @@ class Node:
                 await nursery.start(serve_local_api, self)
                 log.info("node %s: %d objects, root %s", self.node_id[:12], len(self.index), self.root().hex()[:12])
                 host, port = self.config.listen
-                listeners = await nursery.start(functools.partial(trio.serve_tcp, self._serve_inbound, port, host=host))
+                listeners = await trio.open_tcp_listeners(port, host=host)
                 bound = listeners[0].socket.getsockname()
                 self.listen_address = (host, bound[1])
+                # Issued once the port is known: our certificate tells the
+                # peers we dial where we listen (their status shows it).
+                identity = security.load_identity(self.paths, listen=format_address(*self.listen_address))
+                self._server_tls = tls.server_context(identity)
+                self._client_tls = tls.client_context(identity)
+                await nursery.start(trio.serve_listeners, self._serve_inbound, listeners)
                 log.info("listening on %s", format_address(*self.listen_address))
                 for address in self.config.peers:
                     self._dialing.add(format_address(*address))
@@ -584,7 +593,7 @@ class Node:
             return
         self._inbound += 1
         try:
-            info = PeerInfo(address=address, source="inbound")
+            info = PeerInfo(address=address, source="inbound", listen=tls.peer_listen_address(secure, host))
             await run_session(self, secure, info, dialer=False)
         finally:
             self._inbound -= 1
@@ -626,7 +635,7 @@ class Node:
         """Keep one connection to a static or discovered peer, reconnecting
         with capped backoff, until the peer is forgotten."""
         key = format_address(*address)
-        info = self.peers.setdefault(key, PeerInfo(address=key, source=source))
+        info = self.peers.setdefault(key, PeerInfo(address=key, source=source, listen=key))
         # Forgetting the peer (its row dropped) ends this loop.
         with trio.CancelScope() as scope:
             self._diallers[key] = _Dialler(scope=scope, info=info)

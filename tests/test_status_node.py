@@ -1,5 +1,5 @@
 """The peer table a running node keeps for `ctxfs status`: who left, who is
-gone, what can be forgotten.
+gone, what can be forgotten, where inbound peers listen.
 
 Real nodes on 127.0.0.1 in one process; every wait is bounded only so that
 a broken node fails the test instead of hanging it.
@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from daemon import node as node_module
+from daemon import security, tls
 from daemon.localapi import LocalApiError, LocalClient
 from daemon.node import PeerInfo
 from hostile_helpers import HostileMember
@@ -232,14 +233,15 @@ async def test_forget_matching_rules(tmp_path):
         a = await start_node(nursery, tmp_path, "a")
         one, two = "abcd0" + "0" * 59, "abcd1" + "1" * 59
         a.peers["x"] = PeerInfo(address="[::1]:7787", source="inbound", node_id=one, state="disconnected")
-        a.peers["y"] = PeerInfo(address="10.0.0.9:50000", source="inbound", node_id=two, state="disconnected")
+        a.peers["y"] = PeerInfo(address="10.0.0.9:50000", source="inbound", node_id=two, state="disconnected",
+                                listen="10.0.0.9:7787")
         with pytest.raises(ValueError, match="2 peers have ids starting with abcd"):
             a.forget_peer("abcd")
         assert len(a.peers) == 2
         with pytest.raises(LookupError):
             a.forget_peer("abc")  # too short to be an id: an address, and none matches
         assert a.forget_peer("::1:7787") == [{"node_id": one, "address": "[::1]:7787"}]
-        assert a.forget_peer(" 10.0.0.9:50000 ") == [{"node_id": two, "address": "10.0.0.9:50000"}]
+        assert a.forget_peer(" 10.0.0.9:7787 ") == [{"node_id": two, "address": "10.0.0.9:50000"}]  # its listen
         assert a.peers == {}
         nursery.cancel_scope.cancel()
 
@@ -260,3 +262,50 @@ async def test_forget_through_the_local_api(tmp_path):
             assert refused.value.code is ErrorCode.BAD_REQUEST and "is connected" in refused.value.message
             assert row_of(a, b.node_id)["state"] == "connected"
         nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------
+# where an inbound peer listens
+# --------------------------------------------------------------------------
+
+
+async def test_an_inbound_peer_shows_the_address_it_listens_on(tmp_path):
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, tmp_path, "a")
+        b = await start_node(nursery, tmp_path, "b", peers=[a.listen_address])
+        await connected(a, b)
+        row = row_of(a, b.node_id)
+        assert row["source"] == "inbound"
+        assert row["listen"] == f"127.0.0.1:{b.listen_address[1]}"
+        assert row["address"] != row["listen"]  # where the connection came from
+        # The dialler's row for a: the address it dials.
+        assert row_of(b, a.node_id)["listen"] == row_of(b, a.node_id)["address"] == f"127.0.0.1:{a.listen_address[1]}"
+        nursery.cancel_scope.cancel()
+
+
+class _Certified:
+    """What peer_listen_address reads of a TLS stream: the peer's certificate."""
+
+    def __init__(self, pem: bytes | None) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        self.der = None if pem is None else x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+    def getpeercert(self, binary_form: bool = False) -> bytes | None:
+        assert binary_form
+        return self.der
+
+
+@pytest.mark.parametrize(
+    ("listen", "shown"),
+    [("10.0.0.5:7787", "10.0.0.5:7787"), ("0.0.0.0:7787", "192.168.1.20:7787"), ("[::]:7787", "192.168.1.20:7787"),
+     ("[fd00::5]:7000", "[fd00::5]:7000"), (None, None), ("10.0.0.5:0", None), ("10.0.0.5:x", None)],
+)
+def test_the_listen_address_in_a_certificate(listen, shown):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = security.new_cluster_key()
+    pem = security.issue_node_cert(key, Ed25519PrivateKey.generate(), listen=listen)
+    assert tls.peer_listen_address(_Certified(pem), "192.168.1.20") == shown
+    assert tls.peer_listen_address(_Certified(None), "192.168.1.20") is None
