@@ -376,7 +376,7 @@ def cmd_status(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
         if args.json:
             print(json.dumps(status, ensure_ascii=False), file=out, flush=True)
             return
-        text = format_status(status)
+        text = format_status(status, wide=args.wide)
         if args.watch:
             if out.isatty():
                 out.write(CLEAR_SCREEN)
@@ -539,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", cmd_status, "show this node's sync status (needs the daemon)")
     p.add_argument("--json", action="store_true", help="one JSON object (schema 2); with --watch, one line per refresh")
     p.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    p.add_argument("--wide", action="store_true",
+                   help="the table wider than 80 columns: source, times in UTC, errors whole on the row")
     p = add("fsck", cmd_fsck, "re-hash every object and check every lineage")
     p.add_argument("--repair", action="store_true",
                    help="first rebuild the derived indexes (full-text) from the stored contexts")
