@@ -1,6 +1,7 @@
 """The status document (schema 2, design.md and docs/operations.md) and its human form for `ctxfs status`.
 
-The document is built by the node; this module only renders it. Rendering never fails on a document from a
+The document is built by the node; this module only renders it and judges
+it (`sync_problem`, the exit status). Rendering never fails on a document from a
 newer or older daemon: a missing or odd field shows as "?" rather than a
 traceback.
 
@@ -16,6 +17,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 SCHEMA = 2
+# Exit statuses of `ctxfs status` (tailscale-style: a script can branch on
+# them). 1 is every failure: no daemon, a bad option, --wait's timeout.
+EXIT_IN_SYNC = 0
+EXIT_NOT_IN_SYNC = 3
 # Names of refs in conflict shown in the table; --json has every one.
 MAX_CONFLICTS_SHOWN = 3
 # Ids are shown like git's short hashes: 12 hex digits are unique among far
@@ -32,6 +37,24 @@ NOTE_INDENT = SHORT_ID + 2
 _WIDE_COLUMNS = ("PEER", "ADDRESS", "SOURCE", "STATE", "IN SYNC", "LAST SYNC", "SENT/RECEIVED", "NOTE")
 _COLUMNS = ("PEER", "ADDRESS", "STATE", "IN SYNC", "LAST SYNC", "SENT/RECV")
 _ADDRESS = 1  # the one column that gives way when a row does not fit
+
+
+def sync_problem(status: Any, *, allow_alone: bool = False) -> str | None:
+    """None when in sync: every connected peer is, and at least one is
+    connected (or none need be: `allow_alone`); else why not, in words.
+
+    Peers that are not connected cannot be compared and do not count: what
+    status can vouch for is that what this node holds is on every peer it
+    is connected to now. `ctxfs status` exits EXIT_NOT_IN_SYNC on a problem.
+    """
+    peers = status.get("peers") if isinstance(status, dict) else None
+    connected = [p for p in peers or () if isinstance(p, dict) and p.get("state") == "connected"]
+    if not connected:
+        return None if allow_alone else "no peer is connected"
+    behind = sum(1 for p in connected if p.get("in_sync") is not True)
+    if behind:
+        return f"{behind} of {len(connected)} connected peer{'s' if len(connected) != 1 else ''} not in sync"
+    return None
 
 
 def short_id(value: Any) -> str:

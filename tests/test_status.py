@@ -225,6 +225,31 @@ def test_the_sync_line_counts_connected_peers(peers, summary):
     assert f"sync     {summary}" in format_status(doc(*peers)).splitlines()
 
 
+@pytest.mark.parametrize(
+    ("peers", "allow_alone", "problem"),
+    [
+        ([peer()], False, None),
+        ([peer(), peer(state="disconnected", in_sync=False)], False, None),  # not connected: not counted
+        ([peer(), peer(in_sync=False)], False, "1 of 2 connected peers not in sync"),
+        ([peer(in_sync=None)], True, "1 of 1 connected peer not in sync"),
+        ([peer(in_sync="true")], False, "1 of 1 connected peer not in sync"),
+        ([], False, "no peer is connected"),
+        ([peer(state="connecting", in_sync=False)], False, "no peer is connected"),
+        ([], True, None),
+        ([peer(state="disconnected", in_sync=False)], True, None),
+        (["junk", {"state": "connected"}], False, "1 of 1 connected peer not in sync"),
+    ],
+)
+def test_sync_problem_judges_connected_peers_only(peers, allow_alone, problem):
+    assert status_module.sync_problem(doc(*peers), allow_alone=allow_alone) == problem
+
+
+def test_sync_problem_of_a_document_that_is_not_one():
+    assert status_module.sync_problem({}) == "no peer is connected"
+    assert status_module.sync_problem({"peers": "x"}, allow_alone=True) is None
+    assert status_module.sync_problem(None) == "no peer is connected"
+
+
 def test_odd_or_missing_fields_render_without_failing():
     text = format_status({"schema": 3, "peers": [{"node_id": None}, "not a peer",
                                                   {"state": "disconnected", "goodbye": 5, "disconnected_at": 7}]})
@@ -247,7 +272,8 @@ def one_line_error(err: str, needle: str) -> None:
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("flags", [[], ["--json"], ["--watch"]], ids=lambda f: " ".join(f) or "plain")
+@pytest.mark.parametrize("flags", [[], ["--json"], ["--watch"], ["--wait"], ["--wait", "--timeout", "5"]],
+                         ids=lambda f: " ".join(f) or "plain")
 def test_status_without_daemon_exits_1_with_one_line(home, run, flags):
     code, out, err = run(home, "status", *flags)
     assert code == 1 and out == ""
@@ -285,10 +311,11 @@ def test_status_table_through_the_daemon(home, run):
         code, out, err = run(home, "status")
         expected = format_status(daemon.node.status())
         wide_code, wide, _ = run(home, "status", "--wide")
-    assert (code, err) == (0, "")
+    # The fake daemon's one peer is connected and not in sync.
+    assert (code, err) == (status_module.EXIT_NOT_IN_SYNC, "")
     assert out == expected + "\n"
     assert PEER_ID[:12] in out and "10.0.0.2:7787" in out
-    assert wide_code == 0 and wide.splitlines()[-2].split()[-1] == "NOTE"
+    assert wide_code == 3 and wide.splitlines()[-2].split()[-1] == "NOTE"
 
 
 def test_status_watch_refreshes_until_ctrl_c(home, run, monkeypatch):
@@ -346,3 +373,110 @@ def test_script_status_without_daemon_exits_1_with_one_line(tmp_path):
     )
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == f"ctxfs: no daemon is running for {tmp_path / 'h'}\n"
+
+
+# --------------------------------------------------------------------------
+# exit statuses, --wait
+# --------------------------------------------------------------------------
+
+
+def serving(daemon: DaemonThread, *documents: dict) -> list[int]:
+    """Make the fake daemon answer STATUS with `documents` in turn (the last
+    one from then on); returns the list whose length counts the requests."""
+    asked: list[int] = []
+
+    def status() -> dict:
+        asked.append(1)
+        return documents[min(len(asked), len(documents)) - 1]
+
+    daemon.node.status = status
+    return asked
+
+
+@pytest.mark.parametrize(
+    ("peers", "flags", "expected"),
+    [
+        ([peer()], [], 0),
+        ([peer(), peer(node_id="ef" * 32, in_sync=False)], [], 3),
+        ([peer(in_sync=False), peer(node_id="ef" * 32, in_sync=False)], [], 3),  # the issue's "0 of 2"
+        ([peer(), peer(node_id="ef" * 32, state="disconnected", in_sync=False)], [], 0),
+        ([], [], 3),
+        ([], ["--allow-alone"], 0),
+        ([peer(state="connecting", in_sync=False)], ["--allow-alone"], 0),
+        ([peer(in_sync=False)], ["--allow-alone"], 3),
+        ([peer(in_sync=False)], ["--json"], 0),  # the document says it per peer
+        ([peer(in_sync=False)], ["--wide"], 3),
+    ],
+)
+def test_status_exits_0_in_sync_and_3_when_not(home, run, peers, flags, expected):
+    with DaemonThread(home) as daemon:
+        serving(daemon, doc(*peers))
+        code, out, err = run(home, "status", *flags)
+    assert (code, err) == (expected, "")
+    assert out.strip()
+
+
+def test_wait_returns_0_as_soon_as_every_connected_peer_is_in_sync(home, run, monkeypatch):
+    monkeypatch.setattr(cli, "WAIT_INTERVAL", 0.01)
+    behind = doc(peer(), peer(node_id="ef" * 32, in_sync=False, root=OTHER_ROOT))
+    alone = doc()
+    synced = doc(peer(), peer(node_id="ef" * 32), peer(node_id="01" * 32, state="disconnected", in_sync=False))
+    with DaemonThread(home) as daemon:
+        asked = serving(daemon, alone, behind, behind, synced, behind)
+        code, out, err = run(home, "status", "--wait")
+    assert (code, err) == (0, "")
+    assert len(asked) == 4  # not before, and not one request more
+    assert "in sync with all 2 connected peers; 1 not connected" in out  # the status it ended on
+    assert out.count("\n") == len(format_status(synced).splitlines())  # shown once
+
+
+def test_wait_json_prints_the_document_it_ended_on(home, run, monkeypatch):
+    monkeypatch.setattr(cli, "WAIT_INTERVAL", 0.01)
+    synced = doc(peer())
+    with DaemonThread(home) as daemon:
+        serving(daemon, doc(peer(in_sync=False)), synced)
+        code, out, err = run(home, "status", "--wait", "--json", "--timeout", "60")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == synced
+
+
+def test_wait_needs_a_connected_peer_unless_allowed_alone(home, run, monkeypatch):
+    monkeypatch.setattr(cli, "WAIT_INTERVAL", 0.01)
+    with DaemonThread(home) as daemon:
+        asked = serving(daemon, doc(), doc(), doc(peer()))
+        assert run(home, "status", "--wait")[0] == 0
+        assert len(asked) == 3
+        asked.clear()
+        serving(daemon, doc())
+        code, out, err = run(home, "status", "--wait", "--allow-alone")
+    assert (code, err) == (0, "") and "no peers" in out
+
+
+def test_wait_exits_1_at_the_timeout_with_one_line_saying_why(home, run, monkeypatch):
+    monkeypatch.setattr(cli, "WAIT_INTERVAL", 0.01)
+    behind = doc(peer(), peer(node_id="ef" * 32, in_sync=False))
+    with DaemonThread(home) as daemon:
+        asked = serving(daemon, behind)
+        code, out, err = run(home, "status", "--wait", "--timeout", "0.2")
+        zero = run(home, "status", "--wait", "--timeout", "0", "--json")
+    assert code == 1
+    one_line_error(err, "not in sync after 0.2 s: 1 of 2 connected peers not in sync")
+    assert "not in sync: 1 of 2 connected peers in sync" in out  # the last status is shown
+    assert len(asked) > 1  # it asked again before giving up
+    assert zero[0] == 1 and json.loads(zero[1]) == behind
+    one_line_error(zero[2], "not in sync after 0 s")
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [(["--timeout", "3"], "--timeout goes with --wait"), (["--wait", "--timeout", "-1"], "must be a finite number"),
+     (["--wait", "--timeout", "nan"], "must be a finite number"), (["--wait", "--watch"], "not allowed with")],
+)
+def test_status_options_that_do_not_go_together(home, run, capsys, flags, needle):
+    with DaemonThread(home):
+        try:
+            code, out, err = run(home, "status", *flags)
+        except SystemExit as exc:  # argparse's own refusals
+            code, out, err = exc.code, "", capsys.readouterr().err
+    assert code in (1, 2) and out == ""
+    assert needle in err and "Traceback" not in err
