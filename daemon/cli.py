@@ -23,7 +23,7 @@ import trio
 from daemon import endpoint, localapi, security
 from daemon.paths import HomePaths, resolve_home
 from daemon.endpoint import resolve_context_id
-from daemon.status import format_status
+from daemon.status import EXIT_IN_SYNC, EXIT_NOT_IN_SYNC, format_status, sync_problem
 from sync import fulltext
 from sync.codec import DecodeError, atom_to_json, context_from_json, expanded_to_json
 from sync.errors import ErrorCode
@@ -40,6 +40,10 @@ MAX_PUSH_BYTES = 256 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 10
 # `status --watch` refresh period, seconds.
 WATCH_INTERVAL = 1.0
+# How often `status --wait` asks the daemon: a status is a few hundred bytes
+# on the local socket, built from memory; a tenth of a second is "as soon
+# as" for a person or a script, and costs the daemon nothing it notices.
+WAIT_INTERVAL = 0.1
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 class CliError(Exception):
@@ -431,11 +435,17 @@ def cmd_query(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
 
 
 def cmd_status(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
+    """Exit 0 when in sync, 3 when not (`status.sync_problem`); with --json
+    always 0 once the document is printed (it says per peer), and with
+    --wait 0 once in sync, 1 at the timeout. 1 when no daemon runs."""
+    if args.timeout is not None and not args.wait:
+        raise CliError("--timeout goes with --wait")
+
     def show(status: dict, first: bool) -> None:
         if args.json:
             print(json.dumps(status, ensure_ascii=False), file=out, flush=True)
             return
-        text = format_status(status)
+        text = format_status(status, wide=args.wide)
         if args.watch:
             if out.isatty():
                 out.write(CLEAR_SCREEN)
@@ -443,12 +453,23 @@ def cmd_status(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
                 out.write("\n")
         print(text, file=out, flush=True)
 
-    async def work(client: localapi.LocalClient) -> None:
+    async def wait(client: localapi.LocalClient) -> dict:
+        deadline = trio.current_time() + (args.timeout if args.timeout is not None else float("inf"))
+        while True:
+            status = await client.status()
+            if sync_problem(status, allow_alone=args.allow_alone) is None or trio.current_time() >= deadline:
+                return status
+            await trio.sleep_until(min(deadline, trio.current_time() + WAIT_INTERVAL))
+
+    async def work(client: localapi.LocalClient) -> dict:
+        if args.wait:
+            return await wait(client)
         first = True
         while True:
-            show(await client.status(), first)
+            status = await client.status()
+            show(status, first)
             if not args.watch:
-                return
+                return status
             first = False
             await trio.sleep(WATCH_INTERVAL)
 
@@ -460,7 +481,18 @@ def cmd_status(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
         raise
     if result is _NO_DAEMON:
         raise CliError(f"no daemon is running for {home.root}")
-    return 0
+    if args.watch:
+        return 0
+    problem = sync_problem(result, allow_alone=args.allow_alone)
+    if args.wait:
+        show(result, True)
+        if problem is not None:
+            print(f"ctxfs: not in sync after {args.timeout:g} s: {problem}", file=sys.stderr)
+            return 1
+        return 0
+    if args.json:
+        return 0
+    return EXIT_IN_SYNC if problem is None else EXIT_NOT_IN_SYNC
 
 
 def cmd_daemon(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
@@ -629,8 +661,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "address if specific, else every IPv4 interface)")
     p.add_argument("--log-json", action="store_true", help="log JSON lines instead of plain lines")
     p = add("status", cmd_status, "show this node's sync status (needs the daemon)")
-    p.add_argument("--json", action="store_true", help="one JSON object (schema 2); with --watch, one line per refresh")
-    p.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    p.epilog = "exit status: 0 in sync, 3 not in sync (or no peer connected), 1 no daemon or --wait timed out"
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object (schema 2), exit 0; with --watch, one line per refresh")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    how.add_argument("--wait", action="store_true",
+                     help="wait until every connected peer is in sync and one is connected, then show the status")
+    p.add_argument("--timeout", type=_non_negative_float, metavar="S",
+                   help="with --wait: exit 1 if not in sync within S seconds (default: wait until Ctrl-C)")
+    p.add_argument("--allow-alone", action="store_true",
+                   help="in sync with no peer connected too (a node on its own)")
+    p.add_argument("--wide", action="store_true",
+                   help="the table wider than 80 columns: source, times in UTC, errors whole on the row")
     p = add("fsck", cmd_fsck, "re-hash every object and check every lineage")
     p.add_argument("--repair", action="store_true",
                    help="first rebuild the derived indexes (full-text) from the stored contexts")
@@ -638,6 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_history.add_parser(sub)  # show, log, heads, merge
     cli_refs.add_parser(sub)
+    from daemon import cli_peers
+
+    cli_peers.add_parser(sub)  # peer forget
     from daemon import cli_mcp
 
     cli_mcp.add_parser(sub)  # mcp

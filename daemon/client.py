@@ -33,6 +33,8 @@ from sync.messages import (
     Goodbye,
     Hello,
     Message,
+    PeerForget,
+    PeerForgotten,
     Ping,
     Pong,
     PushContext,
@@ -467,6 +469,14 @@ class LocalClient(_Endpoint):
 
     async def status(self) -> dict:
         return (await self._call(StatusRequest(), StatusResponse)).status
+
+    async def peer_forget(self, peer: str) -> list[dict]:
+        """Drop the peers that `peer` names (a node id, a unique prefix of
+        one, or an address) from the daemon's peer table; they are no longer
+        dialled. Returns `[{node_id, address}]` of those dropped;
+        LocalApiError NOT_FOUND if none matches, BAD_REQUEST if one is
+        connected or a prefix names several."""
+        return list((await self._call(PeerForget(peer=peer), PeerForgotten)).peers)
 
     # ------------------------------------------------------------ refs
 

@@ -23,6 +23,9 @@ the client. The server answers on that stream and forgets it:
                        (BAD_REQUEST: bad name, ref in conflict, unknown atom)
     RESOLVE         -> RESOLVED(id) for an id, ref name or unique prefix; or
                        ERROR (NOT_FOUND; BAD_REQUEST: not one, or ambiguous)
+    PEER_FORGET     -> PEER_FORGOTTEN(peers dropped from the peer table), or
+                       ERROR (NOT_FOUND: no peer matches; BAD_REQUEST: one
+                       is connected, or an id prefix names several)
     PING -> PONG and GOODBYE -> GOODBYE, on stream 0.
 
 A client abandons a stream by sending ERROR (code NO_ERROR) on it; the
@@ -66,6 +69,8 @@ from sync.messages import (
     Goodbye,
     Hello,
     Message,
+    PeerForget,
+    PeerForgotten,
     Ping,
     Pong,
     PushContext,
@@ -322,6 +327,7 @@ _HANDLERS = {
     RefsRequest: "_refs",
     RefsWatch: "_watch",
     Resolve: "_resolve",
+    PeerForget: "_peer_forget",
 }
 
 
@@ -752,6 +758,13 @@ class _Session(_Endpoint):
         node = self.node
         context_id, _value = await node.run_sync(resolve_context_id, node.store, request.text)
         return Resolved(id=bytes.fromhex(context_id))
+
+    async def _peer_forget(self, stream_id: int, request: PeerForget, _req: _Request) -> PeerForgotten:
+        try:
+            forgotten = self.node.forget_peer(request.peer)
+        except LookupError as exc:
+            raise LocalApiError(ErrorCode.NOT_FOUND, str(exc)) from None
+        return PeerForgotten(peers=tuple(forgotten))  # ValueError above: BAD_REQUEST
 
     async def _watch(self, stream_id: int, request: RefsWatch, progress: _Request) -> None:
         """REFS_RESPONSE with the watched refs now, then REF_CHANGED per real

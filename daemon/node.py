@@ -13,6 +13,7 @@ import collections
 import functools
 import heapq
 import logging
+import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
@@ -22,7 +23,7 @@ import attrs
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from daemon.config import NodeConfig, format_address
+from daemon.config import ConfigError, NodeConfig, format_address, parse_address
 from daemon.logs import RateLimitedLog
 from daemon.paths import HomePaths
 from sync import overlay, refs
@@ -44,8 +45,15 @@ STATUS_SCHEMA = 2
 MAX_STATUS_CONFLICTS = 1000
 # Rows kept in status for inbound peers whose session ended (with their last
 # error), most recent last; older ones are forgotten. Static and discovered
-# peers keep their row: they are dialled again.
+# peers keep their row while they are dialled (see below).
 MAX_DISCONNECTED_INBOUND = 16
+# A peer that dialled us or that mDNS found, not connected for this long,
+# leaves status (and an mDNS one is no longer dialled; discovery proposes it
+# again while it still advertises). An hour keeps in view who left and why
+# across a reboot or a meeting, and drops a laptop gone for the day; a peer
+# that left has long since been dialled at the backoff's cap (30 s) for
+# nothing. Static peers are configuration: they stay until `peer forget`.
+FORGET_ABSENT_PEERS_SECONDS = 3600.0
 # After a write failed (disk full), receiving pauses this long before the
 # store is probed again: peers' data is refused at once meanwhile, and the
 # disk is not hammered with writes that cannot succeed.
@@ -58,6 +66,17 @@ MAX_HANDSHAKES_PER_HOST = 16
 # How long stored ids may wait for running reconciliations before entering
 # the in-memory set (and the root) anyway.
 MAX_INDEX_DELAY = 2.0
+
+
+def _state_changed(info: PeerInfo, _attribute: attrs.Attribute, state: str) -> str:
+    # Every change of state is timed here, wherever a session makes it.
+    if state == "connected":
+        info.goodbye = None
+        info.disconnected_at = None
+    elif info.state == "connected":
+        info.disconnected_at = datetime.now(timezone.utc)
+        info.absent_since = trio.current_time()
+    return state
 
 
 def _check_written(store, contexts: list[CompressedContext]) -> None:
@@ -82,13 +101,26 @@ class PeerInfo:
     address: str
     source: str  # "static" | "mdns" | "inbound"
     node_id: str | None = None
-    state: str = "connecting"  # "connected" | "connecting" | "disconnected" | "known" (not chosen)
+    state: str = attrs.field(default="connecting", on_setattr=_state_changed)  # "connected" | "connecting" | "disconnected" | "known" (not chosen)
     root: bytes | None = None
     last_sync: datetime | None = None
     objects_sent: int = 0
     objects_received: int = 0
     error: str | None = None
     failed_dials: int = 0  # dials in a row that did not connect
+    # The reason the peer gave in the GOODBYE that ended its last session
+    # (it left on purpose: stopped, or was told to); None if that session
+    # ended otherwise, or the peer is connected.
+    goodbye: str | None = None
+    # When the last session ended (for status); None while connected or
+    # before the first session.
+    disconnected_at: datetime | None = None
+    # Where the peer accepts connections: the dialled address for static and
+    # mDNS peers; for an inbound one what its certificate says, if it says.
+    listen: str | None = None
+    # trio time since when the peer has not been connected: when its last
+    # session ended, else when it was first proposed (FORGET_ABSENT_PEERS_SECONDS).
+    absent_since: float = attrs.field(factory=trio.current_time)
 
 
 class Node:
@@ -128,6 +160,7 @@ class Node:
         # event set (then replaced) whenever that choice changes.
         self._chosen: frozenset[str] = frozenset()
         self._choice_changed = trio.Event()
+        self._diallers: dict[str, _Dialler] = {}  # by address: how to stop a dial loop
         self._inbound = 0  # inbound member sessions now (TLS done)
         self._handshakes: collections.Counter[str] = collections.Counter()  # TLS handshakes by source host
         # Why the store cannot be written now (status shows it), else None.
@@ -391,10 +424,18 @@ class Node:
 
         A peer known both as a static address and as an inbound connection
         (both sides dialled) is one row: the live session's, under the
-        address it was configured or discovered with.
+        address it was configured or discovered with. `goodbye` and
+        `disconnected_at` say how and when its latest session ended;
+        `listen` where it accepts connections, when known. Rows of peers
+        absent too long (FORGET_ABSENT_PEERS_SECONDS) are dropped first.
         """
+        self._forget_absent()
         root = self.root()
+        # Ids committed here but not yet in the root (they wait while a
+        # reconciliation runs): peers lack them, whatever the roots say.
+        unannounced = any(i not in self.index for i in self._pending_ids)
         rows: dict[str, dict] = {}
+        ended: dict[str, datetime] = {}
         preference = {"static": 0, "mdns": 1, "inbound": 2}
         for info in sorted(self.peers.values(), key=lambda p: preference.get(p.source, 3)):
             key = info.node_id or info.address
@@ -408,14 +449,23 @@ class Node:
                     "source": info.source,
                     "state": "connected" if live is not None else info.state,
                     "root": live_info.root.hex() if live_info.root is not None else None,
-                    "in_sync": live is not None and live_info.root == root,
+                    "in_sync": live is not None and live_info.root == root and not unannounced,
                     "last_sync": live_info.last_sync.isoformat() if live_info.last_sync else None,
                     "objects_sent": 0,
                     "objects_received": 0,
                     "error": live_info.error,
+                    "goodbye": None,
+                    "disconnected_at": None,
+                    "listen": info.listen,
                 }
+            row["listen"] = row["listen"] or info.listen
             row["objects_sent"] += info.objects_sent
             row["objects_received"] += info.objects_received
+            # How the peer's latest session ended, whichever row held it.
+            if live is None and info.disconnected_at is not None and (key not in ended or info.disconnected_at > ended[key]):
+                ended[key] = info.disconnected_at
+                row["goodbye"] = info.goodbye
+                row["disconnected_at"] = info.disconnected_at.isoformat()
         listen = format_address(*self.listen_address) if self.listen_address else None
         return {
             "schema": STATUS_SCHEMA,
@@ -428,6 +478,62 @@ class Node:
             "conflicts": heapq.nsmallest(MAX_STATUS_CONFLICTS, self._ref_conflicts),
             "peers": sorted(rows.values(), key=lambda r: r["address"]),
         }
+
+    def _forget_absent(self) -> None:
+        """Drop the rows of peers absent for FORGET_ABSENT_PEERS_SECONDS (static ones stay)."""
+        cutoff = trio.current_time() - FORGET_ABSENT_PEERS_SECONDS
+        # A peer is absent since the latest end of any of its rows' sessions.
+        since: dict[str, float] = {}
+        for info in self.peers.values():
+            if info.node_id is not None:
+                since[info.node_id] = max(since.get(info.node_id, info.absent_since), info.absent_since)
+        absent = [
+            key for key, info in self.peers.items()
+            if info.source != "static" and info.state != "connected"
+            and info.node_id not in self.sessions  # connected the other way
+            and since.get(info.node_id, info.absent_since) < cutoff
+        ]
+        for key in absent:
+            self._drop_peer(key)
+
+    def _drop_peer(self, key: str) -> PeerInfo:
+        info = self.peers.pop(key)
+        dialler = self._diallers.get(key)
+        if dialler is not None and dialler.info is info:
+            dialler.scope.cancel()
+        self.choose_peers()  # one fewer to choose from
+        return info
+
+    def forget_peer(self, text: str) -> list[dict]:
+        """Drop the rows of the peers `text` names and stop dialling them:
+        a node id or a unique prefix of one (4+ hex digits), or an address
+        as status shows it. Returns [{node_id, address}] of what was dropped.
+
+        LookupError if no peer matches; ValueError if one of them is
+        connected (its row would be back at once) or a prefix names several.
+        A static peer is dialled again when the daemon next starts.
+        """
+        text = text.strip()
+        if len(text) >= 4 and all(c in "0123456789abcdef" for c in text.lower()):
+            prefix = text.lower()
+            keys = [k for k, i in self.peers.items() if i.node_id is not None and i.node_id.startswith(prefix)]
+            named = sorted({self.peers[k].node_id for k in keys})
+            if len(named) > 1:
+                raise ValueError(f"{len(named)} peers have ids starting with {text}: "
+                                 f"{', '.join(n[:12] for n in named[:5])}; give more digits")
+        else:
+            try:
+                wanted = {text, format_address(*parse_address(text, "peer"))}
+            except ConfigError:
+                wanted = {text}
+            keys = [k for k, i in self.peers.items() if i.address in wanted or i.listen in wanted]
+        if not keys:
+            raise LookupError(f"no peer matches {text!r} (`ctxfs status` lists them)")
+        for key in keys:
+            node_id = self.peers[key].node_id
+            if node_id is not None and node_id in self.sessions:
+                raise ValueError(f"peer {node_id[:12]} is connected; only a peer that is not can be forgotten")
+        return [{"node_id": info.node_id, "address": info.address} for info in map(self._drop_peer, keys)]
 
     def note_sync(self, info: PeerInfo) -> None:
         if info.root == self.root():
@@ -444,8 +550,6 @@ class Node:
         if identity.node_id != self.node_id:
             raise security.KeyFileError(f"{self.paths.node_key} holds node {identity.node_id[:12]}, not {self.node_id[:12]}")
         self._node_key = identity.node_key
-        self._server_tls = tls.server_context(identity)
-        self._client_tls = tls.client_context(identity)
         self.store = SQLiteContextStore(self.paths.store)
         self.expander = ExpanderFunctor(self.store)
         try:
@@ -461,12 +565,19 @@ class Node:
                 await nursery.start(serve_local_api, self)
                 log.info("node %s: %d objects, root %s", self.node_id[:12], len(self.index), self.root().hex()[:12])
                 host, port = self.config.listen
-                listeners = await nursery.start(functools.partial(trio.serve_tcp, self._serve_inbound, port, host=host))
+                listeners = await trio.open_tcp_listeners(port, host=host)
                 bound = listeners[0].socket.getsockname()
                 self.listen_address = (host, bound[1])
+                # Issued once the port is known: our certificate tells the
+                # peers we dial where we listen (their status shows it).
+                identity = security.load_identity(self.paths, listen=format_address(*self.listen_address))
+                self._server_tls = tls.server_context(identity)
+                self._client_tls = tls.client_context(identity)
+                await nursery.start(trio.serve_listeners, self._serve_inbound, listeners)
                 log.info("listening on %s", format_address(*self.listen_address))
                 for address in self.config.peers:
-                    self._dialing.add(format_address(*address))
+                    key = format_address(*address)
+                    self._dialing.add(key)
                     nursery.start_soon(self._dial_forever, address, "static")
                 nursery.start_soon(self._apply_stale_ids)
                 nursery.start_soon(self._track_refs)
@@ -525,7 +636,7 @@ class Node:
             return
         self._inbound += 1
         try:
-            info = PeerInfo(address=address, source="inbound")
+            info = PeerInfo(address=address, source="inbound", listen=tls.peer_listen_address(secure, host))
             await run_session(self, secure, info, dialer=False)
         finally:
             self._inbound -= 1
@@ -560,11 +671,14 @@ class Node:
             return
         key = format_address(*address)
         if key in self._dialing:
+            known = self.peers.get(key)
+            if known is not None and known.state == "known":
+                known.absent_since = trio.current_time()  # still advertised: not gone
             return
         self._dialing.add(key)
-        self.peers.setdefault(key, PeerInfo(address=key, source=source, node_id=node_id))
+        info = self.peers.setdefault(key, PeerInfo(address=key, source=source, node_id=node_id, listen=key))
         self.choose_peers()
-        self._nursery.start_soon(self._dial_forever, address, source)
+        self._nursery.start_soon(self._dial_forever, address, source, info)
 
     # ------------------------------------------------------------ the overlay
 
@@ -587,11 +701,11 @@ class Node:
         else:
             chosen = set(overlay.choose_links(own, known, limit))
         choice = frozenset(c.hex() for c in chosen)
-        if choice == self._chosen:
-            return
-        self._chosen = choice
-        self._choice_changed.set()
-        self._choice_changed = trio.Event()
+        if choice != self._chosen:
+            self._chosen = choice
+            self._choice_changed.set()
+            self._choice_changed = trio.Event()
+        # Also when the choice stays: a static peer just identified may not be in it.
         for info in list(self.peers.values()):
             session = self.sessions.get(info.node_id) if info.node_id else None
             if (info.source != "inbound" and info.node_id not in choice and session is not None
@@ -604,14 +718,30 @@ class Node:
         to notice that an unreachable peer is back."""
         return info.node_id is None or info.node_id in self._chosen or info.failed_dials >= UNREACHABLE_AFTER
 
-    async def _dial_forever(self, address: tuple[str, int], source: str) -> None:
-        """Keep one connection to a static peer, reconnecting with capped backoff."""
+    async def _dial_forever(self, address: tuple[str, int], source: str, proposed: PeerInfo | None = None) -> None:
+        """Keep one connection to a static or discovered peer, reconnecting
+        with capped backoff, until the peer is forgotten."""
+        key = format_address(*address)
+        if proposed is not None and self.peers.get(key) is not proposed:
+            self._dialing.discard(key)  # forgotten before this task began
+            return
+        info = self.peers.setdefault(key, PeerInfo(address=key, source=source, listen=key))
+        # Forgetting the peer (its row dropped) ends this loop.
+        with trio.CancelScope() as scope:
+            self._diallers[key] = _Dialler(scope=scope, info=info)
+            try:
+                await self._dial(address, info)
+            finally:
+                if self._diallers.get(key) is not None and self._diallers[key].scope is scope:
+                    del self._diallers[key]
+                    self._dialing.discard(key)
+
+    async def _dial(self, address: tuple[str, int], info: PeerInfo) -> None:
         from daemon.peer import run_session
 
         from daemon import tls
 
-        key = format_address(*address)
-        info = self.peers.setdefault(key, PeerInfo(address=key, source=source))
+        key = info.address
         delay = self.config.reconnect_min_seconds
         while True:
             if not self._wanted(info):
@@ -632,7 +762,7 @@ class Node:
                 info.error = exc.message
                 _refusals.warning(key, "peer %s: %s", key, exc.message)
             except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                info.error = f"cannot connect: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+                info.error = f"cannot connect: {_connect_failure(exc, self.config.hello_timeout_seconds)}"
             if connected:
                 info.failed_dials = 0
             else:
@@ -648,6 +778,26 @@ class Node:
                 delay = self.config.reconnect_min_seconds
             await trio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, self.config.reconnect_max_seconds)
+
+
+@attrs.frozen(kw_only=True)
+class _Dialler:
+    scope: trio.CancelScope
+    info: PeerInfo
+
+
+def _connect_failure(exc: BaseException, timeout: float) -> str:
+    """Why a dial failed, as the OS said it ("Connection refused"), not a class name."""
+    if isinstance(exc, trio.TooSlowError):
+        return f"no answer within {timeout:g} s"
+    if isinstance(exc, trio.BrokenResourceError):
+        return "the connection broke during the TLS handshake"
+    # trio's "all attempts to connect to HOST:PORT failed" carries the reasons in its cause.
+    causes = exc.__cause__.exceptions if isinstance(exc.__cause__, BaseExceptionGroup) else (exc,)
+    reasons = dict.fromkeys(
+        os.strerror(c.errno) if isinstance(c, OSError) and c.errno else str(c) or type(c).__name__ for c in causes
+    )
+    return "; ".join(reasons)
 
 
 async def _run_until_signalled(node: Node) -> None:

@@ -77,7 +77,10 @@ def _first_cause(group: BaseExceptionGroup) -> BaseException:
     for leaf in _leaves(group):
         if not isinstance(leaf, trio.Cancelled):
             return leaf
-    return group
+    # Only cancellations: the session is being stopped. One Cancelled, not
+    # the group, so that run() sees it and says GOODBYE (a group of them
+    # once slipped past it: peers saw every stop as "connection lost").
+    return next(_leaves(group), group)
 
 
 def _leaves(exc: BaseException):
@@ -128,7 +131,9 @@ async def run_session(node, stream: trio.abc.Stream, info, *, dialer: bool) -> N
 
 def _map_failure(session: PeerSession, info, exc: Exception) -> bytes:
     """Record why the session ended (for status and logs); the bytes to send last."""
-    if isinstance(exc, Duplicate):
+    if session.peer_left:
+        info.error = None  # it said GOODBYE: what broke after that is its leaving, not a failure
+    elif isinstance(exc, Duplicate):
         info.error = None
     elif isinstance(exc, PeerGone):
         info.error = str(exc)
@@ -168,6 +173,7 @@ class PeerSession:
         self._writer_wake = trio.Event()
         self._writer_idle = trio.Event()
         self.torn_write = False  # a write was cut off: the stream is unusable
+        self.peer_left = False  # the peer said GOODBYE (status: it left, not lost)
         self._credit = trio.Event()
         self._want_sync = trio.Event()
         self._announce = trio.Event()
@@ -206,9 +212,26 @@ class PeerSession:
                     scope.shield = True
                     if self.conn.state.value == "open" and not self.torn_write:
                         goodbye = self.conn.send(Goodbye(code=int(ErrorCode.SHUTTING_DOWN), reason=self._leaving))
-                        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                                                 RemoteProtocolError):
                             await self.stream.send_all(goodbye)
+                            await self._until_goodbye()
                 raise
+
+    async def _until_goodbye(self) -> None:
+        """After our GOODBYE, read (and drop) what comes until the peer's.
+
+        Closing a socket with bytes unread makes the kernel reset the
+        connection, and a reset may take our GOODBYE with it before the
+        peer reads it: the peer would then show "connection lost" for a
+        node that left on purpose.
+        """
+        while True:
+            event = self.conn.next_event()
+            if isinstance(event, ConnectionClosed) or self.conn.state.value == "closed":
+                return
+            if event is NEED_DATA:
+                self.conn.receive_data(await self.stream.receive_some(self.conn.max_receive_size))
 
     async def _run(self) -> None:
         await self.stream.send_all(self.conn.start())  # before any task exists
@@ -447,6 +470,9 @@ class PeerSession:
             _warn.warning(f"{self.info.address}:error", "peer %s: stream %d: %s", self.info.address, stream_id, message.message)
             self.info.error = message.message
         elif isinstance(message, Goodbye):
+            self.peer_left = True
+            self.info.goodbye = message.reason
+            self.info.error = None
             await self.send(Goodbye(code=int(ErrorCode.NO_ERROR)))
             with trio.move_on_after(CLOSE_DEADLINE):
                 await self._writer_idle.wait()  # let our GOODBYE out

@@ -36,6 +36,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from daemon.paths import HomePaths
 
 CLUSTER_KEY_BYTES = 32
+# The scheme of the URI in a node certificate that says where the node listens.
+LISTEN_URI_SCHEME = "ctxfs"
 
 
 class KeyFileError(Exception):
@@ -166,14 +168,25 @@ def cluster_ca_pem(cluster_key: bytes) -> bytes:
     return _ca_certificate(cluster_ca_key(cluster_key)).public_bytes(serialization.Encoding.PEM)
 
 
-def issue_node_cert(cluster_key: bytes, node_key: Ed25519PrivateKey) -> bytes:
-    """A certificate for `node_key` signed by the cluster CA, PEM; CN = node id."""
+def issue_node_cert(cluster_key: bytes, node_key: Ed25519PrivateKey, *, listen: str | None = None) -> bytes:
+    """A certificate for `node_key` signed by the cluster CA, PEM; CN = node id.
+
+    `listen` ("HOST:PORT", where the node accepts peers) goes in as the URI
+    `ctxfs://HOST:PORT` of its subject alternative names: a peer the node
+    dials learns from it where the node can be reached (the connection only
+    shows a port the kernel picked), and shows that in its status. It is
+    the node's own word, and names nothing TLS checks.
+    """
     ca_key = cluster_ca_key(cluster_key)
     ca_cert = _ca_certificate(ca_key)
     public = node_key.public_key()
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    builder = x509.CertificateBuilder()
+    if listen is not None:
+        uri = x509.UniformResourceIdentifier(f"{LISTEN_URI_SCHEME}://{listen}")
+        builder = builder.add_extension(x509.SubjectAlternativeName([uri]), critical=False)
     cert = (
-        x509.CertificateBuilder()
+        builder
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, public_key_id(public))]))
         .issuer_name(ca_cert.subject)
         .public_key(public)
@@ -232,20 +245,23 @@ class NodeIdentity:
         )
 
 
-def make_identity(cluster_key: bytes, node_key: Ed25519PrivateKey, *, private_dir: Path | None = None) -> NodeIdentity:
+def make_identity(cluster_key: bytes, node_key: Ed25519PrivateKey, *, private_dir: Path | None = None,
+                  listen: str | None = None) -> NodeIdentity:
     return NodeIdentity(
         node_id=node_id(node_key),
         node_key=node_key,
-        node_cert_pem=issue_node_cert(cluster_key, node_key),
+        node_cert_pem=issue_node_cert(cluster_key, node_key, listen=listen),
         ca_cert_pem=cluster_ca_pem(cluster_key),
         cluster_id=cluster_id(cluster_ca_key(cluster_key).public_key()),
         private_dir=private_dir,
     )
 
 
-def load_identity(paths: HomePaths) -> NodeIdentity:
-    """Read the home's cluster key and node key; issue this run's node certificate.
+def load_identity(paths: HomePaths, *, listen: str | None = None) -> NodeIdentity:
+    """Read the home's cluster key and node key; issue this run's node
+    certificate (naming `listen`, see issue_node_cert).
 
     Raises KeyFileError (one line, no key material) when a key is missing or bad.
     """
-    return make_identity(read_cluster_key(paths.cluster_key), read_node_key(paths.node_key), private_dir=paths.root)
+    return make_identity(read_cluster_key(paths.cluster_key), read_node_key(paths.node_key), private_dir=paths.root,
+                         listen=listen)

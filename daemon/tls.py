@@ -24,7 +24,8 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from daemon.security import NodeIdentity, public_key_id
+from daemon.config import ConfigError, format_address, parse_address
+from daemon.security import LISTEN_URI_SCHEME, NodeIdentity, public_key_id
 
 
 # Long enough for a TLS alert (a few dozen bytes) to leave on a live
@@ -165,3 +166,37 @@ def peer_node_id(ssl_stream: trio.SSLStream) -> str:
     if not isinstance(public_key, Ed25519PublicKey):
         raise NotAMember("not a cluster member (TLS: peer key is not Ed25519)")
     return public_key_id(public_key)
+
+
+# Hosts that mean "every interface": a peer listening on one is reached at
+# the address its connection comes from.
+_ANY_HOST = frozenset({"0.0.0.0", "::", ""})
+# Longest listen address taken from a certificate: a DNS name and a port.
+MAX_LISTEN_TEXT = 300
+
+
+def peer_listen_address(ssl_stream: trio.SSLStream, source_host: str) -> str | None:
+    """Where the peer says it accepts connections (its certificate's
+    `ctxfs://HOST:PORT`, see security.issue_node_cert), with a wildcard host
+    replaced by `source_host`; None if its certificate does not say (an
+    older node) or says something unreadable.
+
+    Call only after a successful `wrap_*`. The peer's word, not proven: for
+    status to show, never to decide anything.
+    """
+    der = ssl_stream.getpeercert(binary_form=True)
+    if der is None:
+        return None
+    try:
+        names = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    prefix = f"{LISTEN_URI_SCHEME}://"
+    for uri in names.value.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith(prefix) and len(uri) <= MAX_LISTEN_TEXT and uri[len(prefix):].isprintable():
+            try:
+                host, port = parse_address(uri[len(prefix):], "listen")
+            except ConfigError:
+                return None
+            return format_address(source_host if host in _ANY_HOST else host, port) if port else None
+    return None

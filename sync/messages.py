@@ -60,6 +60,12 @@ MAX_APPEND_REMOVALS = 65536
 # Characters of RESOLVE's text: a ref name (sync.refs bounds it) or at most
 # a full id of 64 hex digits, whichever is longer.
 MAX_RESOLVE_TEXT = max(MAX_REF_NAME_BYTES, 64)
+# Characters of PEER_FORGET's text: an address (a DNS name is at most 253,
+# then a port) or a node id (64 hex digits).
+MAX_PEER_TEXT = 300
+# Peers one PEER_FORGOTTEN may list: far more than a node keeps rows for
+# (inbound ones it has forgotten are pruned at 16; discovery tracks 256).
+MAX_PEERS_PER_MESSAGE = 4096
 ID_BYTES = 32
 
 
@@ -75,6 +81,7 @@ class MessageType(enum.IntEnum):
     REFS_WATCH = 0x08
     REF_APPEND = 0x09
     RESOLVE = 0x0A
+    PEER_FORGET = 0x0B
     # sync, both ways
     HELLO = 0x10
     ROOT = 0x11
@@ -95,6 +102,7 @@ class MessageType(enum.IntEnum):
     REFS_RESPONSE = 0x87
     REF_CHANGED = 0x88
     RESOLVED = 0x89
+    PEER_FORGOTTEN = 0x8A
     ERROR = 0xFF
 
 
@@ -498,11 +506,32 @@ class Resolved:
     id: bytes = attrs.field(validator=_id)
 
 
+@_frozen
+class PeerForget:
+    """Drop from the node's peer table the peers that `peer` names, and stop
+    dialling them: a node id or a unique prefix of one (4+ hex digits), or
+    an address as status shows it. Answered by PEER_FORGOTTEN, or ERROR:
+    NOT_FOUND (no peer matches), BAD_REQUEST (one of them is connected; a
+    prefix of several peers' ids)."""
+
+    TYPE: ClassVar = MessageType.PEER_FORGET
+    peer: str = attrs.field(validator=_max_len(MAX_PEER_TEXT))
+
+
+@_frozen
+class PeerForgotten:
+    """The peers dropped: maps `{node_id (64 hex, or nil if it never
+    connected), address}`."""
+
+    TYPE: ClassVar = MessageType.PEER_FORGOTTEN
+    peers: tuple[dict[str, Any], ...] = attrs.field(validator=_max_len(MAX_PEERS_PER_MESSAGE))
+
+
 Message = (
     Hello | Root | Credit | Ping | Pong | Goodbye | Error | Reconcile | Want | Objects | Ack
     | PushContext | ExpandRequest | ExpandResponse | StreamRequest | StreamChunk | StreamEnd
     | QueryRequest | QueryResponse | StatusRequest | StatusResponse | RefSet | RefsRequest | RefsResponse
-    | RefsWatch | RefChanged | RefAppend | Resolve | Resolved
+    | RefsWatch | RefChanged | RefAppend | Resolve | Resolved | PeerForget | PeerForgotten
 )
 
 MESSAGE_CLASSES: dict[MessageType, type] = {cls.TYPE: cls for cls in Message.__args__}

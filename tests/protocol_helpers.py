@@ -44,6 +44,8 @@ from sync.messages import (
     RefsRequest,
     RefsResponse,
     RefsWatch,
+    PeerForget,
+    PeerForgotten,
     Resolve,
     Resolved,
     StreamChunk,
@@ -273,6 +275,8 @@ MESSAGE_STRATEGIES = {
     ),
     MessageType.RESOLVE: st.builds(Resolve, text=st.text(max_size=200)),
     MessageType.RESOLVED: st.builds(Resolved, id=ids),
+    MessageType.PEER_FORGET: st.builds(PeerForget, peer=st.text(max_size=300)),
+    MessageType.PEER_FORGOTTEN: st.builds(PeerForgotten, peers=_tuples(json_maps, 4)),
 }
 
 any_message = st.one_of(*MESSAGE_STRATEGIES.values())

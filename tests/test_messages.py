@@ -21,6 +21,8 @@ from sync.messages import (
     ID_BYTES,
     MAX_IDS_PER_MESSAGE,
     MAX_OBJECTS_PER_MESSAGE,
+    MAX_PEER_TEXT,
+    MAX_PEERS_PER_MESSAGE,
     MAX_QUERY_TEXT,
     MAX_REASON_LENGTH,
     MAX_REFS_PER_MESSAGE,
@@ -48,6 +50,8 @@ from sync.messages import (
     RefsRequest,
     RefsResponse,
     RefsWatch,
+    PeerForget,
+    PeerForgotten,
     Resolve,
     Resolved,
     Root,
@@ -109,6 +113,9 @@ EXAMPLES = {
     MessageType.REF_APPEND: RefAppend(name="main", delta_atoms=(ATOM,), removed_hashes=(ID2,), metadata={"message": "m"}),
     MessageType.RESOLVE: Resolve(text="3f0c"),
     MessageType.RESOLVED: Resolved(id=ID1),
+    MessageType.PEER_FORGET: PeerForget(peer="10.0.0.3:7787"),
+    MessageType.PEER_FORGOTTEN: PeerForgotten(peers=({"node_id": "ef" * 32, "address": "10.0.0.3:7787"},
+                                                     {"node_id": None, "address": "10.0.0.4:7787"})),
 }
 
 
@@ -345,6 +352,8 @@ def test_ids_of_the_wrong_length_are_decode_errors(msg_type, name, many, length)
         (MessageType.REF_CHANGED, ("name",), "n", 200),
         (MessageType.REF_CHANGED, ("candidates",), ID1, MAX_IDS_PER_MESSAGE),
         (MessageType.RESOLVE, ("text",), "t", 200),
+        (MessageType.PEER_FORGET, ("peer",), "p", MAX_PEER_TEXT),
+        (MessageType.PEER_FORGOTTEN, ("peers",), {}, MAX_PEERS_PER_MESSAGE),
     ],
     ids=lambda v: getattr(v, "name", None) or (v[0] if isinstance(v, tuple) else None),
 )
