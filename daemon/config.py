@@ -66,6 +66,20 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def listen_scope(host: str) -> str:
+    """Who can reach a listener on `host`, in words, for the log line that says where the node listens."""
+    import ipaddress
+
+    if host in ("", "0.0.0.0", "::"):
+        return "every interface: other hosts can connect; TLS admits only members of this cluster"
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return "loopback: this machine only"
+    except ValueError:
+        return "the interfaces that name resolves to"
+    return "that interface only"
+
+
 @attrs.frozen(kw_only=True)
 class NodeConfig:
     listen: tuple[str, int] = ("0.0.0.0", DEFAULT_PORT)

@@ -52,6 +52,10 @@ class RateLimitedLog:
             del self._last[next(iter(self._last))]
         return True
 
+    def forget(self, key: str) -> None:
+        """The condition ended: the next occurrence is logged at once."""
+        self._last.pop(key, None)
+
     def warning(self, key: str, message: str, *args: object) -> None:
         if self._due(key):
             self._logger.warning(message, *args)

@@ -22,7 +22,8 @@ import attrs
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from daemon.config import NodeConfig, format_address
+from daemon import neterrors
+from daemon.config import NodeConfig, format_address, listen_scope
 from daemon.logs import RateLimitedLog
 from daemon.paths import HomePaths
 from sync import refs
@@ -36,6 +37,10 @@ from sync.store import SQLiteContextStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 _refusals = RateLimitedLog(log)
+# Peers we cannot reach: the first failure is logged at once, then one line
+# per peer this often while it stays away (a reconnect every 30 s would
+# otherwise write ~3000 lines a day per absent peer).
+_unreachable = RateLimitedLog(log, interval=600.0)
 T = TypeVar("T")
 
 STATUS_SCHEMA = 2
@@ -420,10 +425,13 @@ class Node:
                 await nursery.start(serve_local_api, self)
                 log.info("node %s: %d objects, root %s", self.node_id[:12], len(self.index), self.root().hex()[:12])
                 host, port = self.config.listen
-                listeners = await nursery.start(functools.partial(trio.serve_tcp, self._serve_inbound, port, host=host))
+                try:
+                    listeners = await nursery.start(functools.partial(trio.serve_tcp, self._serve_inbound, port, host=host))
+                except OSError as exc:
+                    raise neterrors.listen_failed(format_address(host, port), exc) from None
                 bound = listeners[0].socket.getsockname()
                 self.listen_address = (host, bound[1])
-                log.info("listening on %s", format_address(*self.listen_address))
+                log.info("listening on %s (%s)", format_address(*self.listen_address), listen_scope(host))
                 for address in self.config.peers:
                     self._dialing.add(format_address(*address))
                     nursery.start_soon(self._dial_forever, address, "static")
@@ -531,20 +539,34 @@ class Node:
         key = format_address(*address)
         info = self.peers.setdefault(key, PeerInfo(address=key, source=source))
         delay = self.config.reconnect_min_seconds
+        failures = 0  # dials in a row that did not reach a session
         while True:
             info.state = "connecting"
             connected = False
+            tcp_done = False
             try:
                 with trio.fail_after(self.config.hello_timeout_seconds):
                     stream = await trio.open_tcp_stream(*address)
+                    tcp_done = True
                     stream = await tls.wrap_client(stream, self._client_tls)
                 connected = True
+                failures = 0
+                _unreachable.forget(key)  # a later outage is reported at once
                 await run_session(self, stream, info, dialer=True)
             except tls.NotAMember as exc:
                 info.error = exc.message
                 _refusals.warning(key, "peer %s: %s", key, exc.message)
             except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                info.error = f"cannot connect: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+                why = neterrors.reason(exc)
+                if isinstance(exc, trio.TooSlowError):
+                    why = f"no answer within {self.config.hello_timeout_seconds:g} s"
+                info.error = f"cannot connect: {why}" if not tcp_done else f"TLS handshake failed: {why}"
+                failures += 1
+                log.debug("peer %s (%s): %s", key, source, info.error)
+                # A peer that never answers must show in the log, not only in
+                # status; once, then now and then while it stays away.
+                _unreachable.warning(key, "peer %s (%s): %s; still trying (%d failed attempt%s so far)",
+                                     key, source, info.error, failures, "" if failures == 1 else "s")
             # Lost the one-connection-per-pair rule: the peer's own dial is
             # the connection. Redial only once that one is gone.
             while info.node_id is not None and info.node_id in self.sessions:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.config import DEFAULT_PORT, ConfigError, load_config, parse_address
+from daemon.config import DEFAULT_PORT, ConfigError, listen_scope, load_config, parse_address
 
 
 @pytest.mark.parametrize(
@@ -60,3 +60,10 @@ def test_a_bare_port_in_config_toml_is_refused_too(tmp_path):
         load_config(config, {})
     config.write_text('peers = ["10.0.0.2:7787", "lab-host-3"]\n')
     assert load_config(config, {}).peers == (("10.0.0.2", 7787), ("lab-host-3", DEFAULT_PORT))
+
+
+def test_the_listen_scope_says_who_can_connect():
+    assert listen_scope("0.0.0.0").startswith("every interface: other hosts can connect; TLS admits only members")
+    assert listen_scope("::").startswith("every interface")
+    assert listen_scope("127.0.0.1") == listen_scope("::1") == "loopback: this machine only"
+    assert listen_scope("192.168.1.20") == "that interface only"
