@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from daemon import cli
-from process_helpers import CTXFS, START_BOUND, STOP_BOUND, wait_until
+from node_helpers import context
+from process_helpers import CTXFS, START_BOUND, STOP_BOUND, cluster, wait_until  # noqa: F401  (cluster: a fixture)
+from sync.codec import context_to_json
 
 # `2026-11-24 10:00:00.123+01:00 INFO daemon.node: ...`
 STAMPED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) daemon\.")
@@ -201,3 +203,20 @@ def test_verbose_and_quiet_set_what_is_logged_and_every_line_has_its_time(tmp_pa
     assert shown <= levels and not hidden & levels, lines
     assert all(STAMPED.match(line) for line in lines), lines
     assert any(f"peer {peer} (static): cannot connect: connection refused" in line for line in lines)
+
+
+def test_a_sync_between_daemons_is_one_line_with_what_moved(cluster):
+    """What a user of two daemons sees: a line saying how many objects came."""
+    a = cluster.daemon("a")
+    lines = "".join(json.dumps(context_to_json(context(f"fact {i}"))) + "\n" for i in range(200))
+    a.ctxfs("push", "-", input=lines)
+    b = cluster.daemon("b", peers=[a])
+    a_id = a.status()["node_id"]
+
+    def line() -> str | None:
+        return next((x for x in b.stderr().splitlines() if "received 200 objects" in x), None)
+
+    found = wait_until(line, START_BOUND, message=lambda: b.stderr())
+    assert STAMPED.match(found), found
+    assert f"INFO daemon.peer: peer {a_id[:12]} ({a.listen}): in sync after " in found
+    assert found.endswith("sent 0 objects (0 B)")
