@@ -182,3 +182,32 @@ async def test_writes_in_quick_succession_are_summed(tmp_path, caplog, monkeypat
         summed = [line for line in sync_lines(caplog)[2:] if line.startswith(f"peer {a.node_id[:12]} ")]
         assert len(summed) == 1 and "received 3 objects" in summed[0], sync_lines(caplog)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_cut_mid_sync_is_one_line_not_a_traceback(tmp_path, caplog):
+    """A peer that goes away mid-transfer is a normal end: the session says
+    what had moved, and nothing logs a warning or a traceback."""
+    caplog.set_level(logging.DEBUG, logger="daemon")
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, tmp_path, "a")
+        await a.add_contexts([context(f"{i} " + "x" * 600_000) for i in range(12)])
+        b = await start_node(nursery, tmp_path, "b")
+        store = b.add_encoded
+
+        async def slow_store(blobs):  # each OBJECTS message takes a while: room to cut
+            await trio.sleep(0.3)
+            return await store(blobs)
+
+        b.add_encoded = slow_store
+        nursery.start_soon(b._dial_forever, a.listen_address, "static")
+        await wait_for(lambda: a.node_id in b.sessions and b.sessions[a.node_id].info.objects_received > 0,
+                       "the first objects on b")
+        await trio.aclose_forcefully(b.sessions[a.node_id].stream)
+        await wait_for(lambda: any("session ended" in r.getMessage() for r in caplog.records), "the line")
+        await wait_converged([a, b])  # b dials again and finishes
+        nursery.cancel_scope.cancel()
+    ended = [r.getMessage() for r in caplog.records if "session ended" in r.getMessage()]
+    [on_b] = [line for line in ended if line.startswith(f"peer {a.node_id[:12]} ")]  # b, of its session with a
+    assert "into a sync, before the roots were equal: received " in on_b and "received 0 objects" not in on_b
+    loud = [r for r in caplog.records if r.name.startswith("daemon") and (r.levelno >= logging.WARNING or r.exc_info)]
+    assert not loud, [r.getMessage() for r in loud]
