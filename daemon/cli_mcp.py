@@ -33,7 +33,9 @@ def cmd_mcp(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
         # the normal end of a stdio server, not an error. What is still
         # buffered for stdout has nowhere to go; keep the interpreter's exit
         # from reporting that as an error.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     return 0
 
 
