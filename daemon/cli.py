@@ -10,6 +10,8 @@ import argparse
 import importlib.metadata
 import io
 import json
+import logging
+import os
 import sqlite3
 import sys
 import time
@@ -496,13 +498,20 @@ def cmd_status(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
-    from daemon import logs
+    from daemon import logs, neterrors
     from daemon.config import ConfigError, load_config
     from daemon.node import Node, run_daemon
+    from daemon.paths import default_home
 
-    if not home.is_initialised():
-        # A fresh machine: `ctxfs daemon` alone must work, so make the node.
-        cmd_init(argparse.Namespace(cluster_key_file=None), home, io.StringIO())
+    # A fresh machine: `ctxfs daemon` alone must work, so the default home
+    # is made on first run. Any other home must exist: a mistyped --home
+    # would otherwise start a new node in a new cluster of its own.
+    first_run = not home.is_initialised()
+    if first_run and not args.init and not _same_path(home.root, default_home()):
+        raise CliError(
+            f"no ctxfs node at {home.root}; run `ctxfs --home {home.root} init` first "
+            "(or pass --init to make a new node in a new cluster there)"
+        )
     try:
         config = load_config(home.config, {
             "listen": args.listen,
@@ -514,13 +523,26 @@ def cmd_daemon(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
         })
     except ConfigError as exc:
         raise CliError(str(exc)) from None
-    logs.configure(json_lines=config.log_json)
+    logs.configure(json_lines=config.log_json, level=logs.level_for(args.verbose, args.quiet),
+                   everything=args.verbose >= 2)
+    if first_run:
+        cmd_init(argparse.Namespace(cluster_key_file=None), home, io.StringIO())
+        logging.getLogger(__name__).info(
+            "first run: made a new node in a new cluster at %s; to join an existing cluster instead, "
+            "stop the daemon, remove that directory and run `ctxfs init --cluster-key-file F`", home.root)
     node_id = security.node_id(security.read_node_key(home.node_key))
     try:
-        run_daemon(Node(paths=home, config=config, node_id=node_id))
-    except BaseExceptionGroup as group:
-        raise _first_leaf(group) from None
+        try:
+            run_daemon(Node(paths=home, config=config, node_id=node_id))
+        except BaseExceptionGroup as group:
+            raise _first_leaf(group) from None
+    except neterrors.ListenFailed as exc:
+        raise CliError(str(exc)) from None
     return 0
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
@@ -660,6 +682,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run mDNS on the interface with this IP address (repeatable; default: the listen "
                         "address if specific, else every IPv4 interface)")
     p.add_argument("--log-json", action="store_true", help="log JSON lines instead of plain lines")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log more: -v adds ctxfs's debug lines, -vv every library's too")
+    p.add_argument("-q", "--quiet", action="count", default=0,
+                   help="log less: -q warnings and errors only, -qq errors only")
+    p.add_argument("--init", action="store_true",
+                   help="if the home holds no node yet, make one in a new cluster (the default home needs no --init)")
     p = add("status", cmd_status, "show this node's sync status (needs the daemon)")
     p.epilog = "exit status: 0 in sync, 3 not in sync (or no peer connected), 1 no daemon or --wait timed out"
     p.add_argument("--json", action="store_true",

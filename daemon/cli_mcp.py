@@ -7,6 +7,8 @@ moment; other commands never pay for it.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import TextIO
 
 from daemon.paths import HomePaths
@@ -24,7 +26,24 @@ def cmd_mcp(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
         run_mcp(home, name)
     except KeyboardInterrupt:
         pass
+    except (BaseExceptionGroup, OSError) as exc:
+        if not _client_left(exc):
+            raise
+        # The AI tool closed our stdout (it quit, or dropped us mid-answer):
+        # the normal end of a stdio server, not an error. What is still
+        # buffered for stdout has nowhere to go; keep the interpreter's exit
+        # from reporting that as an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     return 0
+
+
+def _client_left(exc: BaseException) -> bool:
+    """Whether every failure in `exc` is the other end of stdio going away."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_client_left(e) for e in exc.exceptions)
+    return isinstance(exc, (BrokenPipeError, ConnectionResetError))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -15,26 +15,69 @@ class ConfigError(Exception):
 
 
 def parse_address(text: str, what: str, *, default_port: int | None = None) -> tuple[str, int]:
-    """HOST:PORT (or [v6]:PORT) -> (host, port)."""
-    host, sep, port = text.rpartition(":")
+    """HOST:PORT (or [v6]:PORT) -> (host, port).
+
+    A bare number is refused rather than taken for a host: `--peer 17702`
+    is a forgotten host, and the resolver would read it as the IPv4
+    address 0.0.69.38 and dial that.
+    """
+    if text.startswith("[") and text.endswith("]"):
+        host, sep, port = text, "", ""  # [v6] alone
+    else:
+        host, sep, port = text.rpartition(":")
     if not sep:
         if default_port is None:
             raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
+        if text.strip().isdigit():
+            example = "0.0.0.0" if what == "listen" else "192.168.1.20"
+            raise ConfigError(f"{what}: {text!r} is a port without a host; expected HOST:PORT, e.g. {example}:{text.strip()}")
         host, port = text, str(default_port)
+    bracketed = host.startswith("[") and host.endswith("]")
     host = host.strip("[]")
     if not host:
         raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
+    if ":" in host and not bracketed:
+        raise ConfigError(f"{what}: an IPv6 address needs brackets, e.g. [{host}]:{port}; got {text!r}")
+    if all(c.isdigit() or c == "." for c in host) and not _is_ipv4(host):
+        # The resolver reads "10.0.0" or "1234" as some address; a typo must not be dialled.
+        raise ConfigError(f"{what}: {host!r} is not an IPv4 address (four numbers 0-255, e.g. 10.0.0.2)")
     try:
         number = int(port)
     except ValueError:
         raise ConfigError(f"{what}: port must be a number, got {port!r}") from None
     if not 0 <= number <= 65535:
         raise ConfigError(f"{what}: port {number} is out of range")
+    if number == 0 and what != "listen":
+        raise ConfigError(f"{what}: port 0 cannot be dialled; give the port the peer listens on")
     return host, number
+
+
+def _is_ipv4(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_scope(host: str) -> str:
+    """Who can reach a listener on `host`, in words, for the log line that says where the node listens."""
+    import ipaddress
+
+    if host in ("", "0.0.0.0", "::"):
+        return "every interface: other hosts can connect; TLS admits only members of this cluster"
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return "loopback: this machine only"
+    except ValueError:
+        return "the interfaces that name resolves to"
+    return "that interface only"
 
 
 @attrs.frozen(kw_only=True)

@@ -1,11 +1,22 @@
-"""Logging for the daemon: plain lines (journald adds the time) or JSON lines."""
+"""Logging for the daemon: plain lines or JSON lines, each with its time.
+
+Plain lines carry a local timestamp with its UTC offset, except when stderr
+is journald's (systemd says so in $JOURNAL_STREAM): the journal stamps every
+line itself, and `journalctl` would show the time twice.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+from datetime import datetime
+
+# The package whose loggers -v turns to DEBUG; -vv turns every logger (the
+# libraries': zeroconf, asyncio) to DEBUG too.
+OUR_LOGGERS = "daemon"
 
 
 class JsonFormatter(logging.Formatter):
@@ -21,13 +32,45 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure(*, json_lines: bool = False, level: int = logging.INFO) -> None:
-    """Only the CLI calls this; library modules just use logging.getLogger(__name__)."""
+class PlainFormatter(logging.Formatter):
+    """`2026-11-24 10:00:00.123+01:00 INFO daemon.node: message` (no time when `stamped` is False)."""
+
+    def __init__(self, *, stamped: bool = True) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s" if stamped
+                         else "%(levelname)s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return datetime.fromtimestamp(record.created).astimezone().isoformat(sep=" ", timespec="milliseconds")
+
+
+def stderr_is_journal() -> bool:
+    """True when stderr is connected to journald (systemd sets JOURNAL_STREAM=DEV:INODE of it)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        info = os.fstat(sys.stderr.fileno())
+        return (int(device), int(inode)) == (info.st_dev, info.st_ino)
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+def level_for(verbose: int = 0, quiet: int = 0) -> int:
+    """-v: DEBUG, -q: WARNING only, -qq: ERROR only; the default is INFO."""
+    steps = [logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR]
+    return steps[max(0, min(len(steps) - 1, 1 - verbose + quiet))]
+
+
+def configure(*, json_lines: bool = False, level: int = logging.INFO, everything: bool = False) -> None:
+    """Only the CLI calls this; library modules just use logging.getLogger(__name__).
+
+    `level` applies to our loggers; other libraries stay at INFO or above
+    unless `everything` (-vv), so that -v shows the node, not zeroconf's packets.
+    """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if json_lines else PlainFormatter(stamped=not stderr_is_journal()))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level if everything else max(level, logging.INFO))
+    logging.getLogger(OUR_LOGGERS).setLevel(level)
 
 
 class RateLimitedLog:
@@ -51,6 +94,10 @@ class RateLimitedLog:
         while len(self._last) > self.MAX_KEYS:
             del self._last[next(iter(self._last))]
         return True
+
+    def forget(self, key: str) -> None:
+        """The condition ended: the next occurrence is logged at once."""
+        self._last.pop(key, None)
 
     def warning(self, key: str, message: str, *args: object) -> None:
         if self._due(key):

@@ -23,7 +23,8 @@ import attrs
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from daemon.config import ConfigError, NodeConfig, format_address, parse_address
+from daemon import neterrors
+from daemon.config import ConfigError, NodeConfig, format_address, listen_scope, parse_address
 from daemon.logs import RateLimitedLog
 from daemon.paths import HomePaths
 from sync import overlay, refs
@@ -37,6 +38,10 @@ from sync.store import SQLiteContextStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 _refusals = RateLimitedLog(log)
+# Peers we cannot reach: the first failure is logged at once, then one line
+# per peer this often while it stays away (a reconnect every 30 s would
+# otherwise write ~3000 lines a day per absent peer).
+_unreachable = RateLimitedLog(log, interval=600.0)
 T = TypeVar("T")
 
 STATUS_SCHEMA = 2
@@ -565,7 +570,10 @@ class Node:
                 await nursery.start(serve_local_api, self)
                 log.info("node %s: %d objects, root %s", self.node_id[:12], len(self.index), self.root().hex()[:12])
                 host, port = self.config.listen
-                listeners = await trio.open_tcp_listeners(port, host=host)
+                try:
+                    listeners = await trio.open_tcp_listeners(port, host=host)
+                except OSError as exc:
+                    raise neterrors.listen_failed(format_address(host, port), exc) from None
                 bound = listeners[0].socket.getsockname()
                 self.listen_address = (host, bound[1])
                 # Issued once the port is known: our certificate tells the
@@ -574,7 +582,7 @@ class Node:
                 self._server_tls = tls.server_context(identity)
                 self._client_tls = tls.client_context(identity)
                 await nursery.start(trio.serve_listeners, self._serve_inbound, listeners)
-                log.info("listening on %s", format_address(*self.listen_address))
+                log.info("listening on %s (%s)", format_address(*self.listen_address), listen_scope(host))
                 for address in self.config.peers:
                     key = format_address(*address)
                     self._dialing.add(key)
@@ -752,21 +760,31 @@ class Node:
                 continue
             info.state = "connecting"
             connected = False
+            tcp_done = False
             try:
                 with trio.fail_after(self.config.hello_timeout_seconds):
                     stream = await trio.open_tcp_stream(*address)
+                    tcp_done = True
                     stream = await tls.wrap_client(stream, self._client_tls)
                 connected = True
+                info.failed_dials = 0
+                _unreachable.forget(key)  # a later outage is reported at once
                 await run_session(self, stream, info, dialer=True)
             except tls.NotAMember as exc:
                 info.error = exc.message
                 _refusals.warning(key, "peer %s: %s", key, exc.message)
             except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                info.error = f"cannot connect: {_connect_failure(exc, self.config.hello_timeout_seconds)}"
-            if connected:
-                info.failed_dials = 0
-            else:
+                why = neterrors.reason(exc)
+                if isinstance(exc, trio.TooSlowError):
+                    why = f"no answer within {self.config.hello_timeout_seconds:g} s"
+                info.error = f"cannot connect: {why}" if not tcp_done else f"TLS handshake failed: {why}"
                 info.failed_dials += 1
+                log.debug("peer %s (%s): %s", key, info.source, info.error)
+                # A peer that never answers must show in the log, not only in
+                # status; once, then now and then while it stays away.
+                _unreachable.warning(key, "peer %s (%s): %s; still trying (%d failed attempt%s so far)",
+                                     key, info.source, info.error, info.failed_dials,
+                                     "" if info.failed_dials == 1 else "s")
                 if info.failed_dials == UNREACHABLE_AFTER:
                     self.choose_peers()  # chosen but gone: another takes its place
             # Lost the one-connection-per-pair rule: the peer's own dial is
@@ -784,20 +802,6 @@ class Node:
 class _Dialler:
     scope: trio.CancelScope
     info: PeerInfo
-
-
-def _connect_failure(exc: BaseException, timeout: float) -> str:
-    """Why a dial failed, as the OS said it ("Connection refused"), not a class name."""
-    if isinstance(exc, trio.TooSlowError):
-        return f"no answer within {timeout:g} s"
-    if isinstance(exc, trio.BrokenResourceError):
-        return "the connection broke during the TLS handshake"
-    # trio's "all attempts to connect to HOST:PORT failed" carries the reasons in its cause.
-    causes = exc.__cause__.exceptions if isinstance(exc.__cause__, BaseExceptionGroup) else (exc,)
-    reasons = dict.fromkeys(
-        os.strerror(c.errno) if isinstance(c, OSError) and c.errno else str(c) or type(c).__name__ for c in causes
-    )
-    return "; ".join(reasons)
 
 
 async def _run_until_signalled(node: Node) -> None:

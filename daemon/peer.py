@@ -32,6 +32,7 @@ import trio
 
 from daemon import tls
 from daemon.logs import RateLimitedLog, forget_traceback as _forget_traceback
+from daemon.synclog import SyncReport, SyncTally
 from sync import reconcile
 from sync.connection import NEED_DATA, Connection, ConnectionClosed, Received
 from sync.errors import ErrorCode, RemoteProtocolError
@@ -198,6 +199,7 @@ class PeerSession:
         self._registered = False
         self._scope = trio.CancelScope()
         self._leaving = "node stopping"  # the GOODBYE's reason when cancelled
+        self._tally = SyncTally()  # what moved since the last sync log line
 
     # ------------------------------------------------------------ lifecycle
 
@@ -306,12 +308,23 @@ class PeerSession:
             unwatch()
         if self._registered and self.node.sessions.get(self.peer_id) is self:
             del self.node.sessions[self.peer_id]
+        self._log_sync(self._tally.ended(trio.current_time()))
         if self.info.state == "connected":
             self.info.state = "disconnected"
             log.info("peer %s disconnected", (self.peer_id or "?")[:12])
 
     def _on_local_change(self) -> None:
         self._announce.set()
+
+    def _note_sync(self) -> None:
+        """Both roots may be equal now: status's last_sync, and the sync's log line."""
+        self.node.note_sync(self.info)
+        if self.info.root == self.node.root():
+            self._log_sync(self._tally.in_sync(trio.current_time()))
+
+    def _log_sync(self, report: SyncReport | None) -> None:
+        if report is not None:
+            log.log(report.level, "%s", report.message(f"{(self.peer_id or '?')[:12]} ({self.info.address})"))
 
     def resync(self) -> None:
         """Reconcile with the peer soon (e.g. our store can take data again)."""
@@ -433,7 +446,7 @@ class PeerSession:
             await self.send(Pong(nonce=message.nonce))
         elif isinstance(message, Root):
             self.info.root = message.root
-            self.node.note_sync(self.info)
+            self._note_sync()
             if message.root != self.node.root():
                 self._want_sync.set()
         elif isinstance(message, Reconcile):
@@ -497,6 +510,7 @@ class PeerSession:
             if not isinstance(wire, reconcile.ReconcileStart):
                 return  # a late step of a session we already dropped
             self.node.begin_reconcile()
+            self._tally.reconciling(trio.current_time())
             responder = self._responders[stream_id] = reconcile.Reconciler(self.node.index, initiator=False)
         try:
             reply = responder.receive(wire)
@@ -524,7 +538,7 @@ class PeerSession:
         # any announce we might have missed.
         if reconciler.peer_root is not None and not reconciler.to_request and not reconciler.to_send:
             self.info.root = reconciler.peer_root
-            self.node.note_sync(self.info)
+            self._note_sync()
         # The peer's own reconciler found what we lack; it pushes that.
         fresh = reconciler.to_send - self._unacked
         if fresh:
@@ -538,7 +552,7 @@ class PeerSession:
                 await self._want_sync.wait()
             self._want_sync = trio.Event()
             if self.info.root == self.node.root():
-                self.node.note_sync(self.info)
+                self._note_sync()
                 continue
             await self._initiate()
 
@@ -547,6 +561,7 @@ class PeerSession:
         send_replies, replies = trio.open_memory_channel(1)
         self._replies[stream_id] = send_replies
         self.node.begin_reconcile()
+        self._tally.reconciling(trio.current_time())
         reconciler = reconcile.Reconciler(self.node.index, initiator=True, nonce=os.urandom(16))
         try:
             step = reconciler.initial_message()
@@ -629,6 +644,7 @@ class PeerSession:
                 await self.send_flow(message, stream_id, refused=refused)
             except PushRefused:
                 break
+            self._tally.sent(len(batch), sum(map(len, blobs)), trio.current_time())
         self.conn.close_stream(stream_id)  # ACKs still arrive; credit for it is moot
 
     async def _storer(self) -> None:
@@ -669,6 +685,7 @@ class PeerSession:
             self.conn.close_stream(stream_id)
             return
         self.info.objects_received += fresh
+        self._tally.received(fresh, sum(map(len, message.objects)), trio.current_time())
         await self._release(stream_id, size)
         await self.answer(Ack(ids=tuple(bytes.fromhex(i) for i in ids)), stream_id)
         if message.final:
@@ -692,13 +709,14 @@ class PeerSession:
             with trio.move_on_at(next_ping):
                 await self._announce.wait()
             now = trio.current_time()
+            self._log_sync(self._tally.due(now))  # summed syncs whose line waited
             silent = now - self._last_heard
             if silent > config.idle_timeout_seconds:
                 raise PeerGone(f"no word from the peer for {silent:.0f} s")
             if self._announce.is_set():
                 self._announce = trio.Event()
                 await self.send(Root(root=self.node.root(), count=len(self.node.index)))
-                self.node.note_sync(self.info)
+                self._note_sync()
             if now >= next_ping:
                 nonce += 1
                 await self.send(Ping(nonce=nonce))

@@ -795,7 +795,8 @@ def test_ambiguous_prefix_is_refused(home, tmp_path, run):
     push(run, home, tmp_path, twin, c)
     result = run(home, "expand", c.id[:4])
     assert result.code == 1
-    assert_one_line_error(result.err, "ambiguous")
+    # It names the candidates (as the daemon's RESOLVE does): the user picks one.
+    assert_one_line_error(result.err, "ambiguous", twin.id[:16], c.id[:16], "give more digits")
     assert run(home, "expand", c.id[:12]).lines == [f"[String] {c.delta_atoms[0].content}"]
 
 
