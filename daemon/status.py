@@ -152,16 +152,20 @@ def _summary(peers: list) -> str:
     if not peers:
         return "no peers"
     connected = [p for p in peers if isinstance(p, dict) and _connected(p)]
-    away = len(peers) - len(connected)
+    # Known: not dialled, by the overlay's choice (docs/operations.md).
+    known = sum(1 for p in peers if isinstance(p, dict) and p.get("state") == "known")
+    away = len(peers) - len(connected) - known
+    rest = ", ".join(part for part in (f"{away} not connected" if away else "",
+                                        f"{known} known, not dialled" if known else "") if part)
     if not connected:
-        return f"no peer connected ({away} known)"
+        return f"no peer connected ({rest})"
     synced = sum(1 for p in connected if p.get("in_sync") is True)
     count = len(connected)
     if synced == count:
         text = "in sync with the 1 connected peer" if count == 1 else f"in sync with all {count} connected peers"
     else:
         text = f"not in sync: {synced} of {count} connected peer{'s' if count != 1 else ''} in sync"
-    return f"{text}; {away} not connected" if away else text
+    return f"{text}; {rest}" if rest else text
 
 
 def _refs(count: Any, conflicts: Any, room: int | None) -> str:

@@ -218,7 +218,12 @@ def test_an_inbound_peer_shows_where_it_listens_when_it_said_so():
         ([peer(), peer(node_id="ef" * 32, state="disconnected", in_sync=False)],
          "in sync with the 1 connected peer; 1 not connected"),
         ([peer(state="connecting", in_sync=False), peer(state="disconnected", in_sync=False)],
-         "no peer connected (2 known)"),
+         "no peer connected (2 not connected)"),
+        # Known but not dialled (the overlay's choice) is said apart.
+        ([peer(), peer(node_id="ef" * 32, state="known", in_sync=False),
+          peer(node_id="ab" * 32, state="disconnected", in_sync=False)],
+         "in sync with the 1 connected peer; 1 not connected, 1 known, not dialled"),
+        ([peer(state="known", in_sync=False)], "no peer connected (1 known, not dialled)"),
     ],
 )
 def test_the_sync_line_counts_connected_peers(peers, summary):
