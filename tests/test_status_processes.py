@@ -46,7 +46,7 @@ def test_status_exit_codes_wait_left_peers_and_forget(cluster: Cluster):
     # No peer connected: 3, and --wait times out with 1 and one line.
     result = status(lonely)
     assert result.returncode == 3, result
-    assert "no peer connected (1 known)" in result.stdout
+    assert "no peer connected (1 not connected)" in result.stdout
     result = status(lonely, "--wait", "--timeout", "0.5")
     assert result.returncode == 1
     one_line(result.stderr, "not in sync after 0.5 s: no peer is connected")
@@ -63,7 +63,7 @@ def test_status_exit_codes_wait_left_peers_and_forget(cluster: Cluster):
     lines = result.stdout.splitlines()
     assert all(len(line) <= WIDTH for line in lines), result.stdout
     dead_row = next(i for i, line in enumerate(lines) if dead in line)
-    assert lines[dead_row + 1].strip() == "cannot connect: Connection refused"  # whole, on its own line
+    assert lines[dead_row + 1].strip() == "cannot connect: connection refused"  # whole, on its own line
     assert len(max(status(c, "--wide").stdout.splitlines(), key=len)) > WIDTH  # the row, whole
 
     # a sees b and c dial in, and shows where they listen, not their ports.
