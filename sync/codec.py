@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -187,6 +188,45 @@ def atom_from_raw(raw: Any, path: str = "atom") -> MemoryAtom:
     except TypeError:  # unhashable inside: not a valid type anyway
         raise DecodeError(f"{path}.type: expected a type") from None
     return MemoryAtom(content, sig, _EPOCH + ts * _MICROSECOND, source, relevance)
+
+
+@functools.lru_cache(maxsize=4096)
+def _stored_timestamp(ts: int) -> datetime:
+    # Atoms of one conversation share timestamps: build each datetime once.
+    return _EPOCH + ts * _MICROSECOND
+
+
+_new_atom = object.__new__
+_set_field = object.__setattr__
+
+
+def stored_atoms(raw_atoms: Sequence, positions: Iterable[int], ids: Iterable[bytes],
+                 tokens: Iterable[int]) -> list[MemoryAtom]:
+    """Atoms `raw_atoms[p]` for each position, from bytes the store
+    verified when they were put (as decode_context(verify=False) trusts
+    them), without re-running the model's checks: expansion builds up to
+    a million of these, and the checks cost more than all the rest. Each
+    atom's id and token count come from the store's atom index
+    (sync/atomindex.py), so neither is recomputed. Never for bytes from
+    outside."""
+    out = []
+    append = out.append
+    types: dict[tuple, TypeSignature] = {}
+    for position, atom_id, count in zip(positions, ids, tokens):
+        content, type_raw, ts, source, relevance = raw_atoms[position]
+        sig = types.get(type_raw)
+        if sig is None:
+            sig = types[type_raw] = _interned_type(type_raw)
+        atom = _new_atom(MemoryAtom)
+        _set_field(atom, "content", content)
+        _set_field(atom, "type_sig", sig)
+        _set_field(atom, "timestamp", _stored_timestamp(ts))
+        _set_field(atom, "source_hash", source)
+        _set_field(atom, "relevance_score", relevance)
+        _set_field(atom, "content_hash", atom_id.hex())
+        _set_field(atom, "tokens", count)
+        append(atom)
+    return out
 
 
 def molecule_from_raw(raw: Any, path: str) -> MemoryMolecule:
