@@ -62,7 +62,8 @@ def _place(level: int, position: int) -> int:
     return level << _LEVEL_SHIFT | position
 
 
-def _parsed_index(data: bytes, blob: bytes | None) -> AtomIndex:
+def _parsed_index(data: bytes | None, blob: bytes | None, store: ContextStore | None = None,
+                  context_id: str = "") -> AtomIndex:
     """A stored atom index, or one made from the bytes if the row has none
     that parses (written by something else; fsck names it, --repair fixes it)."""
     if blob is not None:
@@ -70,6 +71,9 @@ def _parsed_index(data: bytes, blob: bytes | None) -> AtomIndex:
             return atomindex.parse(blob)
         except atomindex.AtomIndexError:
             pass
+    if data is None:
+        assert store is not None
+        data = store.get_bytes(context_id)
     return atomindex.parse(atomindex.build(codec.decode_context(data, verify=False)))
 
 
@@ -413,7 +417,7 @@ def stream_expansion(
         yield from _chunked(atoms, count, chunk_size, max_tokens_per_chunk)
         return
     scan = _LiveScan(store, target, relevance_threshold)
-    yield from _chunked(scan.atoms(), scan.total, chunk_size, max_tokens_per_chunk)
+    yield from _chunked(scan.atoms(first=chunk_size), scan.total, chunk_size, max_tokens_per_chunk)
 
 
 @attrs.define
@@ -460,7 +464,7 @@ class StreamCursor:
 
     def _cold_first_chunk(self, store: ContextStore) -> ExpansionChunk:
         scan = _LiveScan(store, self.target, self.relevance_threshold)
-        best = itertools.islice(scan.atoms(), self.chunk_size)  # a chunk never holds more
+        best = itertools.islice(scan.atoms(first=self.chunk_size), self.chunk_size)  # a chunk never holds more
         chunk = next(_chunked(best, scan.total, self.chunk_size, self.max_tokens_per_chunk))
         # _chunked saw only the best few atoms: whether more follow is the count's to say.
         return attrs.evolve(chunk, is_final=len(chunk.atoms) == scan.total)
@@ -518,6 +522,11 @@ def _chunked(atoms: Iterator[MemoryAtom], total: int, chunk_size: int, max_token
         chunk_id += 1
 
 
+# A cold stream reads the bytes of the deltas its next atoms come from in
+# batches of up to this many atoms: one query per batch, not per delta.
+_STREAM_READ_BATCH = 1024
+
+
 def _count_ordered(entries: list[_Entry], threshold: float) -> int:
     """How many of the ordered entries have relevance >= threshold."""
     return bisect.bisect_right(entries, (-threshold, math.inf))
@@ -535,54 +544,83 @@ class _LiveScan:
     Walking from the tip toward the root, an atom is live unless a delta
     nearer the tip re-adds or removes its id. Each delta's atoms are in
     relevance order already, so `total` needs no atom at all, and atoms
-    come from a merge of the deltas' heads: a delta's bytes are decoded only
-    when one of its atoms is handed out.
+    come from a merge of the deltas' heads: a delta's bytes are read and
+    decoded only when one of its atoms is handed out.
     """
 
     def __init__(self, store: ContextStore, target: CompressedContext | str, threshold: float) -> None:
-        self._levels: list[tuple[bytes, AtomIndex, list[bytes], Sequence[int]]] = []
+        self._store = store
+        # Per delta, tip first: (id, bytes or None, index, ids, live count
+        # at or above the threshold, positions (index order) of dead ones).
+        self._levels: list[tuple[str, bytes | None, AtomIndex, list[bytes], int, set[int]]] = []
         self._raw: dict[int, Sequence] = {}
         self._heads: list[tuple] = []
         self.total = 0
         seen: set[bytes] = set()
-        for t, (_cid, data, blob) in enumerate(_lineage_indexed(store, target)):
-            index = _parsed_index(data, blob)
+        for t, (cid, data, blob) in enumerate(_lineage_indexed(store, target, with_bytes=False)):
+            index = _parsed_index(data, blob, store, cid)
             ids = index.id_list()
             count = _count_at_least(index.relevances, threshold)
-            if seen.isdisjoint(ids):
-                keep: Sequence[int] = range(count)
-            else:
-                keep = [j for j in range(count) if ids[j] not in seen]
+            # Ids are unique within a delta's index: index() finds the one.
+            dead = {j for j in map(ids.index, seen.intersection(ids)) if j < count}
             seen.update(ids)
             seen.update(index.removed_list())
-            self._levels.append((data, index, ids, keep))
-            self.total += len(keep)
-            if keep:
+            self._levels.append((cid, data, index, ids, count, dead))
+            self.total += count - len(dead)
+            j = self._next_live(t, 0)
+            if j is not None:
                 # Ties go in lineage order: farther from the tip first.
-                j = keep[0]
-                self._heads.append((-index.relevances[j], -t, index.positions[j], t, 0))
+                self._heads.append((-index.relevances[j], -t, index.positions[j], t, j))
         heapq.heapify(self._heads)
 
-    def atoms(self) -> Iterator[MemoryAtom]:
+    def _next_live(self, t: int, j: int) -> int | None:
+        _cid, _data, _index, _ids, count, dead = self._levels[t]
+        while j < count and j in dead:
+            j += 1
+        return j if j < count else None
+
+    def atoms(self, first: int) -> Iterator[MemoryAtom]:
+        """Live atoms in output order; the first `first` picked before any
+        delta's bytes are read, then batches twice as large: the deltas a
+        batch needs are read in one query."""
+        batch = first
+        while self._heads:
+            picked = self._pick(batch)
+            self._read([t for t in dict.fromkeys(t for t, _j in picked) if t not in self._raw])
+            for t, j in picked:
+                _cid, _data, index, ids, _count, _dead = self._levels[t]
+                yield codec.stored_atoms(self._raw[t], [index.positions[j]], [ids[j]], [index.tokens[j]])[0]
+            batch = min(max(batch * 2, 16), _STREAM_READ_BATCH)
+
+    def _pick(self, count: int) -> list[tuple[int, int]]:
         heads = self._heads
-        while heads:
-            _rel, _t, _position, t, k = heads[0]
-            data, index, ids, keep = self._levels[t]
-            j = keep[k]
-            if k + 1 < len(keep):
-                nxt = keep[k + 1]
-                heapq.heapreplace(heads, (-index.relevances[nxt], -t, index.positions[nxt], t, k + 1))
+        picked = []
+        while heads and len(picked) < count:
+            _rel, _t, _position, t, j = heads[0]
+            index = self._levels[t][2]
+            following = self._next_live(t, j + 1)
+            if following is not None:
+                heapq.heapreplace(heads, (-index.relevances[following], -t, index.positions[following], t, following))
             else:
                 heapq.heappop(heads)
-            raw = self._raw.get(t)
-            if raw is None:
-                # Our own bytes, checked when they were put; fsck re-verifies them.
-                raw = self._raw[t] = codec.unpack_bounded(data, codec.MAX_CONTEXT_BYTES)[2]
-            yield codec.stored_atoms(raw, [index.positions[j]], [ids[j]], [index.tokens[j]])[0]
+            picked.append((t, j))
+        return picked
+
+    def _read(self, levels: list[int]) -> None:
+        unread = [t for t in levels if self._levels[t][1] is None]
+        if unread:
+            fetched = self._store.get_many_bytes([self._levels[t][0] for t in unread])
+        found = dict(zip(unread, fetched)) if unread else {}
+        for t in levels:
+            data = found.get(t) or self._levels[t][1]
+            # Our own bytes, checked when they were put; fsck re-verifies them.
+            self._raw[t] = codec.unpack_bounded(data, codec.MAX_CONTEXT_BYTES)[2]
 
 
-def _lineage_indexed(store: ContextStore, target: CompressedContext | str) -> Iterator[tuple[str, bytes, bytes]]:
-    """(id, canonical bytes, atom index) of the target and each ancestor, tip first."""
+def _lineage_indexed(store: ContextStore, target: CompressedContext | str, *,
+                     with_bytes: bool = True) -> Iterator[tuple[str, bytes | None, bytes]]:
+    """(id, canonical bytes, atom index) of the target and each ancestor, tip
+    first; without `with_bytes`, the bytes of stored ones are None."""
     if isinstance(target, CompressedContext):
         yield target.id, codec.encode_context(target), atomindex.build(target)
         if target.base_hash is None:
@@ -592,7 +630,7 @@ def _lineage_indexed(store: ContextStore, target: CompressedContext | str) -> It
         target = target.base_hash
     child = None
     try:
-        for cid, data, index in store.walk_back_indexed(target):
+        for cid, data, index in store.walk_back_indexed(target, with_bytes=with_bytes):
             child = cid
             yield cid, data, index
     except NotFound as exc:

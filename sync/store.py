@@ -92,7 +92,7 @@ class ContextStore(Protocol):
     def get_lineage(self, context_id: str) -> list[str]: ...
     def walk_back(self, context_id: str) -> Iterator[tuple[str, CompressedContext]]: ...
     def walk_back_bytes(self, context_id: str) -> Iterator[tuple[str, bytes]]: ...
-    def walk_back_indexed(self, context_id: str) -> Iterator[tuple[str, bytes, bytes]]: ...
+    def walk_back_indexed(self, context_id: str, *, with_bytes: bool = True) -> Iterator[tuple[str, bytes | None, bytes]]: ...
     def send_order(self, object_ids: Sequence[str]) -> list[tuple[str, int]]: ...
     def get_many_bytes(self, object_ids: Sequence[str]) -> list[bytes]: ...
     def ids(self, start: str | None = None) -> Iterator[str]: ...
@@ -224,10 +224,11 @@ class InMemoryContextStore:
         for cid, _ctx in self.walk_back(context_id):
             yield cid, self._objects[cid][1]
 
-    def walk_back_indexed(self, context_id: str) -> Iterator[tuple[str, bytes, bytes]]:
-        """As walk_back_bytes, with each context's atom index."""
+    def walk_back_indexed(self, context_id: str, *, with_bytes: bool = True) -> Iterator[tuple[str, bytes | None, bytes]]:
+        """As walk_back_bytes, with each context's atom index (the bytes
+        None unless `with_bytes`)."""
         for cid, data in self.walk_back_bytes(context_id):
-            yield cid, data, self._indexes[cid]
+            yield cid, data if with_bytes else None, self._indexes[cid]
 
     def send_order(self, object_ids: Sequence[str]) -> list[tuple[str, int]]:
         """(id, encoded size) of the given objects: contexts every base before
@@ -329,6 +330,14 @@ WITH RECURSIVE chain(id, base, data, atom_index) AS (
     SELECT c.id, c.base, c.data, c.atom_index FROM contexts c JOIN chain ON c.id = chain.base
 )
 SELECT id, data, atom_index FROM chain
+"""
+_LINEAGE_INDEX_ONLY = """
+WITH RECURSIVE chain(id, base, atom_index) AS (
+    SELECT id, base, atom_index FROM contexts WHERE id = ?
+    UNION ALL
+    SELECT c.id, c.base, c.atom_index FROM contexts c JOIN chain ON c.id = chain.base
+)
+SELECT id, NULL, atom_index FROM chain
 """
 
 
@@ -514,13 +523,16 @@ class SQLiteContextStore:
             with self._lock:
                 rows = cursor.fetchmany(batch)
 
-    def walk_back_indexed(self, context_id: str) -> Iterator[tuple[str, bytes, bytes]]:
-        """As walk_back_bytes, with each context's atom index (sync/atomindex.py)."""
+    def walk_back_indexed(self, context_id: str, *, with_bytes: bool = True) -> Iterator[tuple[str, bytes | None, bytes]]:
+        """As walk_back_bytes, with each context's atom index
+        (sync/atomindex.py); the bytes are None unless `with_bytes` (a
+        reader that needs the bytes of a few contexts only reads a tenth
+        of the rows' size: get_bytes for those)."""
         check_id(context_id, "context id")
         cursor = self._db.cursor()
         batch = 4  # as in walk_back_bytes: small first, growing
         with self._lock:
-            cursor.execute(_LINEAGE_INDEXED, (bytes.fromhex(context_id),))
+            cursor.execute(_LINEAGE_INDEXED if with_bytes else _LINEAGE_INDEX_ONLY, (bytes.fromhex(context_id),))
             rows = cursor.fetchmany(batch)
         if not rows:
             raise NotFound(context_id)

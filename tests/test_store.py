@@ -346,6 +346,7 @@ def test_each_context_has_its_atom_index(store):
     assert atomindex.parse(walked[0][2]).removed_list() == sorted(bytes.fromhex(h) for h in d.removed_hashes)
     for cid, _data, blob in walked:
         assert blob == atomindex.build(store.get(cid))
+    assert list(store.walk_back_indexed(d.id, with_bytes=False)) == [(cid, None, blob) for cid, _data, blob in walked]
     with pytest.raises(NotFound):
         list(store.walk_back_indexed(UNKNOWN))
 
