@@ -31,7 +31,7 @@ from array import array
 
 import attrs
 
-from sync.model import CompressedContext
+from sync.model import CompressedContext, estimate_tokens
 
 VERSION = 1
 _HEADER = struct.Struct("<BII")
@@ -81,22 +81,22 @@ def _from_le(typecode: str, data: bytes) -> array:
 
 def build(ctx: CompressedContext) -> bytes:
     """The atom index of `ctx` (computes its atoms' ids if not yet known)."""
-    last: dict[str, int] = {}
-    for position, atom in enumerate(ctx.delta_atoms):
-        last[atom.content_hash] = position
     atoms = ctx.delta_atoms
-    order = sorted(last.values(), key=lambda p: (-atoms[p].relevance_score, p))
-    relevances = array("d", (atoms[p].relevance_score for p in order))
-    positions = array("I", order)
-    tokens = array("I", (atoms[p].tokens for p in order))
-    removed = sorted(bytes.fromhex(h) for h in ctx.removed_hashes)
+    hashes = [atom.content_hash for atom in atoms]
+    # The last occurrence of an id wins; most relevant first, ties in delta order.
+    order = sorted({h: position for position, h in enumerate(hashes)}.values())
+    negated = [-atom.relevance_score for atom in atoms]
+    order.sort(key=negated.__getitem__)
+    relevances = array("d", [atoms[p].relevance_score for p in order])
+    tokens = array("I", [estimate_tokens(atoms[p].content) for p in order])
+    removed = sorted(ctx.removed_hashes)
     return b"".join((
         _HEADER.pack(VERSION, len(order), len(removed)),
         _le(relevances),
-        _le(positions),
+        _le(array("I", order)),
         _le(tokens),
-        b"".join(bytes.fromhex(atoms[p].content_hash) for p in order),
-        b"".join(removed),
+        bytes.fromhex("".join([hashes[p] for p in order])),
+        bytes.fromhex("".join(removed)),
     ))
 
 
