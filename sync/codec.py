@@ -123,8 +123,19 @@ def raw_atom_id(content: str, type_raw: list | tuple) -> bytes:
     return hashlib.sha256(_pack(["atom", content, type_raw])).digest()
 
 
+# msgpack(["atom", content, type]) is a 3-element array header (0x93),
+# then each element's own encoding: the bytes raw_atom_id hashes.
+_ATOM_ID_PREFIX = b"\x93" + _pack("atom")
+
+
+@functools.lru_cache(maxsize=4096)
+def _packed_type(sig: TypeSignature) -> bytes:
+    # A store holds few distinct types: encode each once, not once per atom.
+    return _pack(_type_raw(sig))
+
+
 def atom_id(atom: MemoryAtom) -> str:
-    return raw_atom_id(atom.content, _type_raw(atom.type_sig)).hex()
+    return hashlib.sha256(_ATOM_ID_PREFIX + _pack(atom.content) + _packed_type(atom.type_sig)).hexdigest()
 
 
 def bytes_id(data: bytes) -> str:
