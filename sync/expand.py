@@ -417,7 +417,8 @@ def stream_expansion(
         yield from _chunked(atoms, count, chunk_size, max_tokens_per_chunk)
         return
     scan = _LiveScan(store, target, relevance_threshold)
-    yield from _chunked(scan.atoms(first=chunk_size), scan.total, chunk_size, max_tokens_per_chunk)
+    # One more than a chunk: _chunked looks one atom ahead to know if more follow.
+    yield from _chunked(scan.atoms(first=chunk_size + 1), scan.total, chunk_size, max_tokens_per_chunk)
 
 
 @attrs.define
@@ -550,22 +551,48 @@ class _LiveScan:
 
     def __init__(self, store: ContextStore, target: CompressedContext | str, threshold: float) -> None:
         self._store = store
-        # Per delta, tip first: (id, bytes or None, index, ids, live count
-        # at or above the threshold, positions (index order) of dead ones).
-        self._levels: list[tuple[str, bytes | None, AtomIndex, list[bytes], int, set[int]]] = []
+        # Per delta, tip first: (id, bytes or None, index, live count at or
+        # above the threshold, positions (index order) of dead ones).
+        self._levels: list[tuple[str, bytes | None, AtomIndex, int, set[int]]] = []
         self._raw: dict[int, Sequence] = {}
         self._heads: list[tuple] = []
         self.total = 0
-        seen: set[bytes] = set()
+        # Which atoms later deltas shadow, found with the ids' first 8 bytes
+        # (ints made in C, a third of the cost of slicing every id) and
+        # checked on the full id; removals are few and kept whole. At the
+        # first match that is not a removal (a re-add, or two ids sharing
+        # 8 bytes), the walk goes on with the full ids of every delta.
+        prefixes_above: set[int] = set()
+        removed_above: set[bytes] = set()
+        exact: set[bytes] | None = None
         for t, (cid, data, blob) in enumerate(_lineage_indexed(store, target, with_bytes=False)):
             index = _parsed_index(data, blob, store, cid)
-            ids = index.id_list()
             count = _count_at_least(index.relevances, threshold)
-            # Ids are unique within a delta's index: index() finds the one.
-            dead = {j for j in map(ids.index, seen.intersection(ids)) if j < count}
-            seen.update(ids)
-            seen.update(index.removed_list())
-            self._levels.append((cid, data, index, ids, count, dead))
+            removed = index.removed_list()
+            dead: set[int] | None = None
+            if exact is None:
+                prefixes = _prefixes(index.ids)
+                distinct = set(prefixes)
+                dead = None
+                if len(distinct) == len(prefixes):
+                    dead = _removed_here(index, prefixes, prefixes_above & distinct, removed_above)
+                if dead is None:  # something else matched: from here on, full ids
+                    exact = set(removed_above)
+                    for level in self._levels:
+                        exact.update(level[2].id_list())
+                else:
+                    prefixes_above |= distinct
+                    prefixes_above.update(_prefixes(index.removed))
+                    removed_above.update(removed)
+            if exact is not None:
+                ids = index.id_list()
+                # Ids are unique within a delta's index: index() finds the one.
+                dead = set(map(ids.index, exact.intersection(ids)))
+                exact.update(ids)
+                exact.update(removed)
+            assert dead is not None
+            dead = {j for j in dead if j < count}
+            self._levels.append((cid, data, index, count, dead))
             self.total += count - len(dead)
             j = self._next_live(t, 0)
             if j is not None:
@@ -574,7 +601,7 @@ class _LiveScan:
         heapq.heapify(self._heads)
 
     def _next_live(self, t: int, j: int) -> int | None:
-        _cid, _data, _index, _ids, count, dead = self._levels[t]
+        _cid, _data, _index, count, dead = self._levels[t]
         while j < count and j in dead:
             j += 1
         return j if j < count else None
@@ -588,8 +615,9 @@ class _LiveScan:
             picked = self._pick(batch)
             self._read([t for t in dict.fromkeys(t for t, _j in picked) if t not in self._raw])
             for t, j in picked:
-                _cid, _data, index, ids, _count, _dead = self._levels[t]
-                yield codec.stored_atoms(self._raw[t], [index.positions[j]], [ids[j]], [index.tokens[j]])[0]
+                index = self._levels[t][2]
+                atom_id = index.ids[j * atomindex.ID_BYTES : (j + 1) * atomindex.ID_BYTES]
+                yield codec.stored_atoms(self._raw[t], [index.positions[j]], [atom_id], [index.tokens[j]])[0]
             batch = min(max(batch * 2, 16), _STREAM_READ_BATCH)
 
     def _pick(self, count: int) -> list[tuple[int, int]]:
@@ -615,6 +643,24 @@ class _LiveScan:
             data = found.get(t) or self._levels[t][1]
             # Our own bytes, checked when they were put; fsck re-verifies them.
             self._raw[t] = codec.unpack_bounded(data, codec.MAX_CONTEXT_BYTES)[2]
+
+
+def _prefixes(ids: bytes) -> list[int]:
+    """The first 8 bytes of each 32-byte id, as ints."""
+    return memoryview(ids).cast("Q")[:: atomindex.ID_BYTES // 8].tolist()
+
+
+def _removed_here(index: AtomIndex, prefixes: list[int], matches: set[int], removed_above: set[bytes]) -> set[int] | None:
+    """Positions of this delta's adds that a later delta removed, given the
+    (distinct) prefixes that match one above; None if a match is anything
+    else."""
+    dead = set()
+    for prefix in matches:
+        j = prefixes.index(prefix)
+        if index.ids[j * atomindex.ID_BYTES : (j + 1) * atomindex.ID_BYTES] not in removed_above:
+            return None
+        dead.add(j)
+    return dead
 
 
 def _lineage_indexed(store: ContextStore, target: CompressedContext | str, *,

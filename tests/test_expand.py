@@ -595,3 +595,29 @@ def test_a_row_without_a_usable_atom_index_still_expands(tmp_path):
         assert len(list(s.fsck())) == 2
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+@pytest.mark.parametrize("prefix_bits", [64, 2])
+@PROPERTY
+@given(chain=chains(min_size=1, max_size=7), threshold=st.sampled_from([0.0, 0.5]), chunk_size=st.integers(1, 4))
+def test_cold_stream_finds_dead_atoms_by_prefix_and_by_full_id(tmp_path_factory, kind, prefix_bits, chain, threshold, chunk_size):
+    """The cold scan matches ids on their first 8 bytes and checks the full
+    id; with 2-bit "prefixes" nearly every atom collides, which must send
+    it to full ids and still give the expansion's atoms."""
+    from sync import expand as expand_module
+
+    real = expand_module._prefixes
+    s = make_store(kind, tmp_path_factory.mktemp("s"))
+    with pytest.MonkeyPatch.context() as patch:
+        if prefix_bits < 64:
+            patch.setattr(expand_module, "_prefixes", lambda ids: [p % (1 << prefix_bits) for p in real(ids)])
+        try:
+            s.put_many(chain)
+            atoms, _types, _tokens = naive_expand(chain)
+            want = [a for a in atoms if a.relevance_score >= threshold]
+            chunks = full_stream(s, chain[-1].id, relevance_threshold=threshold, chunk_size=chunk_size, max_tokens_per_chunk=10**6)
+            assert [a for c in chunks for a in c.atoms] == want
+            check_chunks(chunks, chunk_size, 10**6)
+        finally:
+            s.close()
