@@ -223,20 +223,24 @@ def stored_atoms(raw_atoms: Sequence, positions: Iterable[int], ids: Iterable[by
     out = []
     append = out.append
     types: dict[tuple, TypeSignature] = {}
-    for position, atom_id, count in zip(positions, ids, tokens):
-        content, type_raw, ts, source, relevance = raw_atoms[position]
-        sig = types.get(type_raw)
-        if sig is None:
-            sig = types[type_raw] = _interned_type(type_raw)
-        atom = _new_atom(MemoryAtom)
-        _set_field(atom, "content", content)
-        _set_field(atom, "type_sig", sig)
-        _set_field(atom, "timestamp", _stored_timestamp(ts))
-        _set_field(atom, "source_hash", source)
-        _set_field(atom, "relevance_score", relevance)
-        _set_field(atom, "content_hash", atom_id.hex())
-        _set_field(atom, "tokens", count)
-        append(atom)
+    try:
+        for position, atom_id, count in zip(positions, ids, tokens):
+            content, type_raw, ts, source, relevance = raw_atoms[position]
+            sig = types.get(type_raw)
+            if sig is None:
+                sig = types[type_raw] = _interned_type(type_raw)
+            atom = _new_atom(MemoryAtom)
+            _set_field(atom, "content", content)
+            _set_field(atom, "type_sig", sig)
+            _set_field(atom, "timestamp", _stored_timestamp(ts))
+            _set_field(atom, "source_hash", source)
+            _set_field(atom, "relevance_score", relevance)
+            _set_field(atom, "content_hash", atom_id.hex())
+            _set_field(atom, "tokens", count)
+            append(atom)
+    except (ValueError, TypeError, IndexError, OverflowError) as exc:
+        # Bytes altered on disk behind the store's back (fsck names them).
+        raise DecodeError(f"stored context does not decode: {exc}") from None
     return out
 
 

@@ -621,3 +621,26 @@ def test_cold_stream_finds_dead_atoms_by_prefix_and_by_full_id(tmp_path_factory,
             check_chunks(chunks, chunk_size, 10**6)
         finally:
             s.close()
+
+
+def test_bytes_altered_on_disk_are_a_decode_error_not_a_crash(tmp_path):
+    import msgpack
+
+    from sync.codec import DecodeError, encode_context
+    from sync.store import SQLiteContextStore
+
+    chain = linear_chain(3)
+    s = SQLiteContextStore(tmp_path / "s.db")
+    try:
+        s.put_many(chain)
+        raw = list(msgpack.unpackb(encode_context(chain[1]), use_list=False))
+        raw[2] = [list(raw[2][0])[:4]]  # an atom of four fields, where the index expects five
+        s._db.execute("UPDATE contexts SET data = ? WHERE id = ?",
+                      (msgpack.packb(raw, use_bin_type=True), bytes.fromhex(chain[1].id)))
+        with pytest.raises(DecodeError):
+            ExpanderFunctor(s).expand(chain[-1].id)
+        with pytest.raises(DecodeError):
+            full_stream(s, chain[-1].id, chunk_size=1)
+        assert any(chain[1].id in problem for problem in s.fsck())
+    finally:
+        s.close()
