@@ -192,18 +192,17 @@ class _State:
 
     def _apply_merged(self, levels: list[_Level]) -> None:
         # Which added atoms survive: walking from the tip, an atom is live
-        # unless a later delta re-adds or removes its id.
+        # unless a later delta re-adds or removes its id. Dead ones are few
+        # as a rule: found by set intersection, not by a loop over atoms.
         seen: set[bytes] = set()
-        surviving: list[tuple[list[bytes], Sequence[int]]] = []
+        surviving: list[tuple[list[bytes], set[int]]] = []
         for level in reversed(levels):
             ids = level.index.id_list()
-            if seen.isdisjoint(ids):
-                keep: Sequence[int] = range(len(ids))
-            else:
-                keep = [j for j, atom_id in enumerate(ids) if atom_id not in seen]
+            # Ids are unique within a delta's index: index() finds the one.
+            dead = set() if seen.isdisjoint(ids) else set(map(ids.index, seen.intersection(ids)))
             seen.update(ids)
             seen.update(level.index.removed_list())
-            surviving.append((ids, keep))
+            surviving.append((ids, dead))
         surviving.reverse()
         live = self.live
         entries = self.entries
@@ -218,20 +217,29 @@ class _State:
         added: list[_Entry] = []
         printed: list[str] = []
         number = len(self.path)
-        for level, (ids, keep) in zip(levels, surviving):
+        for level, (ids, dead) in zip(levels, surviving):
             index = level.index
-            everything = isinstance(keep, range) and len(keep) == len(ids)
-            if not everything:
+            tokens = index.tokens
+            if len(dead) * 4 > len(ids):  # mostly dead: build the live ones only
+                keep = [j for j in range(len(ids)) if j not in dead]
                 ids = [ids[j] for j in keep]
-            atoms = level.atoms_of(keep, ids)
-            relevances = index.relevances if everything else [index.relevances[j] for j in keep]
-            positions = index.positions if everything else [index.positions[j] for j in keep]
-            base = _place(number, 0)
-            new = list(zip(map(_negate, relevances), [base | p for p in positions], atoms))
+                atoms = level.atoms_of(keep, ids)
+                relevances: Sequence[float] = [index.relevances[j] for j in keep]
+                positions: Sequence[int] = [index.positions[j] for j in keep]
+                self.tokens += sum(tokens[j] for j in keep)
+                dead = set()
+            else:  # build all, then drop the few dead (C-level list work)
+                atoms = level.atoms_of(range(len(ids)), ids)
+                relevances, positions = index.relevances, index.positions
+                self.tokens += sum(tokens) - sum(tokens[j] for j in dead)
+            new = list(zip(map(_negate, relevances), map(_place(number, 0).__or__, positions), atoms))
+            if dead:
+                ids = list(ids)
+                for j in sorted(dead, reverse=True):
+                    del new[j], ids[j], atoms[j]
             live.update(zip(ids, new))
             added += new
             printed += map(_printed_type, atoms)
-            self.tokens += sum(index.tokens) if everything else sum(index.tokens[j] for j in keep)
             self.molecules.extend(level.molecules)
             self.path.append(level.context_id)
             number += 1
