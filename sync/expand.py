@@ -125,11 +125,82 @@ class _Level:
         return codec.stored_atoms(self.atoms, picked, ids, tokens if picked is positions else [tokens[j] for j in keep])
 
 
+# A child's live map shares its parent's; past this many layers it is
+# flattened into one dict (one copy per so many generations).
+_MAX_LIVE_LAYERS = 8
+
+
+class _LiveIds:
+    """Atom id -> entry of an expansion's live atoms.
+
+    A child expansion shares its parent's map (a remembered expansion is
+    never changed again) and keeps its own changes on top, so deriving a
+    child costs its delta, not a copy of every entry; past a few layers it
+    flattens into one dict.
+    """
+
+    __slots__ = ("_own", "_under", "_layers", "_size")
+
+    def __init__(self, own: dict[bytes, _Entry | None] | None = None, under: _LiveIds | None = None) -> None:
+        self._own = {} if own is None else own  # None: removed in this layer
+        self._under = under
+        self._layers = 0 if under is None else under._layers + 1
+        self._size = len(self._own) if under is None else len(under)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def child(self) -> _LiveIds:
+        if self._layers + 1 >= _MAX_LIVE_LAYERS:
+            return _LiveIds(self.flat_copy())
+        return _LiveIds(under=self)
+
+    def get(self, atom_id: bytes) -> _Entry | None:
+        layer: _LiveIds | None = self
+        while layer is not None:
+            own = layer._own
+            if atom_id in own:
+                return own[atom_id]
+            layer = layer._under
+        return None
+
+    def pop(self, atom_id: bytes) -> _Entry | None:
+        entry = self.get(atom_id)
+        if entry is not None:
+            if self._under is None:
+                del self._own[atom_id]
+            else:
+                self._own[atom_id] = None
+            self._size -= 1
+        return entry
+
+    def set(self, atom_id: bytes, entry: _Entry) -> None:
+        if self.get(atom_id) is None:
+            self._size += 1
+        self._own[atom_id] = entry
+
+    def flat_copy(self) -> dict[bytes, _Entry]:
+        """Every live id and its entry, in a dict of the caller's own."""
+        layers = []
+        layer: _LiveIds | None = self
+        while layer is not None:
+            layers.append(layer._own)
+            layer = layer._under
+        flat = dict(layers.pop())
+        for own in reversed(layers):
+            for atom_id, entry in own.items():
+                if entry is None:
+                    flat.pop(atom_id, None)
+                else:
+                    flat[atom_id] = entry
+        return flat
+
+
 @attrs.define
 class _State:
     """A running expansion, kept ordered so a child's result costs ~its delta."""
 
-    live: dict[bytes, _Entry] = attrs.field(factory=dict)  # atom id -> its entry
+    live: _LiveIds = attrs.field(factory=_LiveIds)  # atom id -> its entry
     # Entries in output order, and their atoms (what a result is made of).
     # Never mutated in place, so copies share them.
     entries: list[_Entry] = attrs.field(factory=list)
@@ -141,7 +212,7 @@ class _State:
     _result: ExpandedContext | None = None
 
     def copy(self) -> _State:
-        return _State(dict(self.live), self.entries, self.atoms, list(self.molecules), list(self.path),
+        return _State(self.live.child(), self.entries, self.atoms, list(self.molecules), list(self.path),
                       self.tokens, Counter(self.types), self._result)
 
     def _drop(self, entry: _Entry) -> None:
@@ -171,7 +242,7 @@ class _State:
         index = level.index
         ids = index.id_list()
         for atom_id in itertools.chain(index.removed_list(), ids):
-            old = live.pop(atom_id, None)
+            old = live.pop(atom_id)
             if old is not None:
                 self._drop(old)
                 at = bisect.bisect_left(entries, old[:2])
@@ -179,7 +250,7 @@ class _State:
         for j, atom_id in enumerate(ids):
             atom = level.atom(j, atom_id)
             entry = (-index.relevances[j], _place(number, index.positions[j]), atom)
-            live[atom_id] = entry
+            live.set(atom_id, entry)
             at = bisect.bisect_right(entries, entry)
             entries.insert(at, entry)
             atoms.insert(at, atom)
@@ -204,7 +275,7 @@ class _State:
             seen.update(level.index.removed_list())
             surviving.append((ids, dead))
         surviving.reverse()
-        live = self.live
+        live = self.live.flat_copy()  # this path is linear in the live atoms anyway
         entries = self.entries
         if live and seen:
             smaller, larger = (seen, live) if len(seen) < len(live) else (list(live), seen)
@@ -244,6 +315,7 @@ class _State:
             self.path.append(level.context_id)
             number += 1
         self.types.update(printed)
+        self.live = _LiveIds(live)
         # The kept entries are in order and each delta's in relevance order,
         # concatenated in lineage order: a stable sort on relevance alone
         # gives (relevance, lineage order), merging the runs.

@@ -644,3 +644,30 @@ def test_bytes_altered_on_disk_are_a_decode_error_not_a_crash(tmp_path):
         assert any(chain[1].id in problem for problem in s.fsck())
     finally:
         s.close()
+
+
+def test_children_of_remembered_expansions_share_and_flatten_their_live_maps(store):
+    """Each expansion below derives from the one before (a layer over its
+    live map); removals and re-adds reach down through the layers, and past
+    _MAX_LIVE_LAYERS the map is flattened. Every result must equal a fresh
+    expansion and the semantics."""
+    from sync.expand import _MAX_LIVE_LAYERS
+
+    chain = [root(*(atom(f"base {i}", i / 10) for i in range(10)))]
+    for n in range(3 * _MAX_LIVE_LAYERS):
+        chain.append(delta(
+            chain[-1],
+            atom(f"new {n}", (n % 7) / 7),
+            atom(f"base {n % 10}", 0.95 - n / 100),  # a re-add of an atom further down
+            removed={atom(f"new {n - 3}", ((n - 3) % 7) / 7).content_hash, atom(f"base {(n + 5) % 10}").content_hash},
+        ))
+    store.put_many(chain)
+    shared = ExpanderFunctor(store, cache_entries=2)
+    for n in range(1, len(chain) + 1):
+        got = shared.expand(chain[n - 1].id)
+        assert got == ExpanderFunctor(store).expand(chain[n - 1].id)
+        atoms, _types, tokens = naive_expand(chain[:n])
+        assert list(got.atoms) == atoms and got.total_tokens_estimate == tokens
+    # and a stranger branching off a middle one
+    branch = delta(chain[5], atom("branch", 0.5), removed={atom("base 3").content_hash})
+    assert shared.expand(branch) == ExpanderFunctor(store).expand(branch)
