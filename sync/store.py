@@ -296,16 +296,25 @@ class InMemoryContextStore:
         pass
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+# A rowid table since schema 3: a row holds up to 12 MB, and a WITHOUT
+# ROWID table keeps whole rows in its one b-tree, whose fan-out was then a
+# handful of rows a page: one step of a lineage walk cost ~50x a step
+# through the id index of a rowid table. The derived atom index comes
+# before the bytes, so reading it does not walk their overflow pages.
+_CONTEXTS_TABLE = """
 CREATE TABLE IF NOT EXISTS contexts (
     id    BLOB PRIMARY KEY,          -- SHA-256 of data
     base  BLOB,                      -- parent id, NULL for a root
     depth INTEGER NOT NULL,          -- 0 for a root, base's depth + 1 otherwise
-    data  BLOB NOT NULL,             -- canonical encoding (sync.codec)
-    atom_index BLOB                  -- derived from data (sync.atomindex), filled from schema 3 on
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS contexts_base ON contexts(base);
+    atom_index BLOB,                 -- derived from data (sync.atomindex)
+    data  BLOB NOT NULL              -- canonical encoding (sync.codec)
+)"""
+_CONTEXTS_BASE_INDEX = "CREATE INDEX IF NOT EXISTS contexts_base ON contexts(base)"
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+{_CONTEXTS_TABLE};
+{_CONTEXTS_BASE_INDEX};
 """ + refstore.REF_SCHEMA
 
 _BAD_ATOM_INDEX = "derived atom index disagrees with the stored context (ctxfs fsck --repair rebuilds it)"
@@ -385,10 +394,9 @@ class SQLiteContextStore:
                 fulltext.rebuild(self._db)
             elif row[0] in ("1", "2"):
                 # 1 -> 2 was the ref_updates table, created above; 2 -> 3
-                # adds the atom index column and fills it, all in this
-                # transaction: a store is either upgraded whole or not at all.
-                self._db.execute("ALTER TABLE contexts ADD COLUMN atom_index BLOB")
-                self._build_atom_indexes()
+                # rebuilds contexts (below). All in this transaction: a
+                # store is either upgraded whole or not at all.
+                self._upgrade_contexts_to_3()
                 self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
             elif row[0] != str(SCHEMA_VERSION):
                 raise StoreError(f"{self.path}: store schema {row[0]} is not supported (this is {SCHEMA_VERSION})")
@@ -679,6 +687,35 @@ class SQLiteContextStore:
         `fsck --repair` does); the number of rows that were wrong."""
         with self._transaction():
             return self._build_atom_indexes()
+
+    def _upgrade_contexts_to_3(self) -> None:
+        """Copy contexts into a rowid table with each row's atom index, a
+        page at a time (in the caller's transaction). The file needs room
+        for both copies until the old one is dropped."""
+        self._db.execute("ALTER TABLE contexts RENAME TO contexts_schema_2")
+        self._db.execute("DROP INDEX IF EXISTS contexts_base")
+        self._db.execute(_CONTEXTS_TABLE)
+        after = b""
+        while True:
+            rows = self._db.execute(
+                "SELECT id, base, depth, data FROM contexts_schema_2 WHERE id > ? ORDER BY id LIMIT ?",
+                (after, _INDEX_PAGE),
+            ).fetchall()
+            if not rows:
+                break
+            copied = []
+            for cid, base, depth, data in rows:
+                try:
+                    index = atomindex.build(decode_context(data, verify=False))
+                except DecodeError:
+                    index = None  # a damaged row: copied as it is, for fsck to name
+                copied.append((cid, base, depth, index, data))
+            self._db.executemany(
+                "INSERT INTO contexts (id, base, depth, atom_index, data) VALUES (?, ?, ?, ?, ?)", copied
+            )
+            after = rows[-1][0]
+        self._db.execute("DROP TABLE contexts_schema_2")
+        self._db.execute(_CONTEXTS_BASE_INDEX)
 
     def _build_atom_indexes(self) -> int:
         # In the caller's transaction. Our own bytes, checked when they were
