@@ -285,6 +285,35 @@ def unpack_bounded(data: bytes, max_bytes: int) -> Any:
         raise DecodeError(f"not valid MessagePack: {exc}") from None
 
 
+def raw_atoms_at(data: bytes, positions: Iterable[int]) -> dict[int, Any]:
+    """Raw atoms at the given positions of an encoded context's atom array,
+    decoding only those: the atoms before each are skipped, never built.
+    Bounded as unpack_bounded is."""
+    if len(data) > MAX_CONTEXT_BYTES:
+        raise DecodeError(f"encoded object is {len(data)} bytes; the limit is {MAX_CONTEXT_BYTES}")
+    unpacker = msgpack.Unpacker(raw=False, use_list=False, strict_map_key=True, max_ext_len=0,
+                                max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
+    found = {}
+    try:
+        _expect(unpacker.read_array_header() == 6, "context", "an array of 6 items")
+        unpacker.skip()  # format
+        unpacker.skip()  # base
+        count = unpacker.read_array_header()
+        at = 0
+        for position in sorted(set(positions)):
+            _expect(0 <= position < count, "context.atoms", f"an atom at position {position}")
+            for _ in range(position - at):
+                unpacker.skip()
+            found[position] = unpacker.unpack()
+            at = position + 1
+    except DecodeError:
+        raise
+    except (ValueError, msgpack.OutOfData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise DecodeError(f"not valid MessagePack: {exc}") from None
+    return found
+
+
 def decode_context(data: bytes, *, verify: bool = True) -> CompressedContext:
     """Canonical bytes -> context. With `verify`, non-canonical bytes are refused.
 

@@ -30,6 +30,7 @@ import itertools
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
+from typing import Any
 from operator import attrgetter, itemgetter, neg as _negate
 
 import attrs
@@ -606,6 +607,9 @@ def _chunked(atoms: Iterator[MemoryAtom], total: int, chunk_size: int, max_token
 # A cold stream reads the bytes of the deltas its next atoms come from in
 # batches of up to this many atoms: one query per batch, not per delta.
 _STREAM_READ_BATCH = 1024
+# Up to this many atoms of one delta are decoded by themselves (skipping
+# the others costs a quarter of decoding them); beyond, the whole delta.
+_PARTIAL_DECODE_ATOMS = 8
 
 
 def _count_ordered(entries: list[_Entry], threshold: float) -> int:
@@ -634,7 +638,9 @@ class _LiveScan:
         # Per delta, tip first: (id, bytes or None, index, live count at or
         # above the threshold, positions (index order) of dead ones).
         self._levels: list[tuple[str, bytes | None, AtomIndex, int, set[int]]] = []
-        self._raw: dict[int, Sequence] = {}
+        self._bytes: dict[int, bytes] = {}  # bytes read so far, by delta (tip first)
+        self._full: dict[int, Sequence] = {}  # deltas decoded whole: their raw atoms
+        self._some: dict[int, dict[int, Any]] = {}  # deltas decoded in part: position -> raw atom
         self._heads: list[tuple] = []
         self.total = 0
         # Which atoms later deltas shadow, found with the ids' first 8 bytes
@@ -693,11 +699,15 @@ class _LiveScan:
         batch = first
         while self._heads:
             picked = self._pick(batch)
-            self._read([t for t in dict.fromkeys(t for t, _j in picked) if t not in self._raw])
+            wanted: dict[int, list[int]] = {}
+            for t, j in picked:
+                wanted.setdefault(t, []).append(self._levels[t][2].positions[j])
+            self._read(wanted)
             for t, j in picked:
                 index = self._levels[t][2]
                 atom_id = index.ids[j * atomindex.ID_BYTES : (j + 1) * atomindex.ID_BYTES]
-                yield codec.stored_atoms(self._raw[t], [index.positions[j]], [atom_id], [index.tokens[j]])[0]
+                raw = self._full.get(t) or self._some[t]
+                yield codec.stored_atoms(raw, [index.positions[j]], [atom_id], [index.tokens[j]])[0]
             batch = min(max(batch * 2, 16), _STREAM_READ_BATCH)
 
     def _pick(self, count: int) -> list[tuple[int, int]]:
@@ -714,15 +724,28 @@ class _LiveScan:
             picked.append((t, j))
         return picked
 
-    def _read(self, levels: list[int]) -> None:
-        unread = [t for t in levels if self._levels[t][1] is None]
+    def _read(self, wanted: dict[int, list[int]]) -> None:
+        """Decode the wanted atoms (delta -> positions) not decoded yet: a
+        few of a delta by themselves, more by decoding the whole delta."""
+        missing = {}
+        for t, positions in wanted.items():
+            if t not in self._full:
+                some = self._some.get(t, {})
+                need = [p for p in positions if p not in some]
+                if need:
+                    missing[t] = need
+        unread = [t for t in missing if t not in self._bytes and self._levels[t][1] is None]
         if unread:
-            fetched = self._store.get_many_bytes([self._levels[t][0] for t in unread])
-        found = dict(zip(unread, fetched)) if unread else {}
-        for t in levels:
-            data = found.get(t) or self._levels[t][1]
+            self._bytes.update(zip(unread, self._store.get_many_bytes([self._levels[t][0] for t in unread])))
+        for t, need in missing.items():
+            data = self._bytes.get(t) or self._levels[t][1]
             # Our own bytes, checked when they were put; fsck re-verifies them.
-            self._raw[t] = codec.unpack_bounded(data, codec.MAX_CONTEXT_BYTES)[2]
+            some = self._some.setdefault(t, {})
+            if len(some) + len(need) > _PARTIAL_DECODE_ATOMS:
+                self._full[t] = codec.unpack_bounded(data, codec.MAX_CONTEXT_BYTES)[2]
+                del self._some[t]
+            else:
+                some.update(codec.raw_atoms_at(data, need))
 
 
 def _prefixes(ids: bytes) -> list[int]:

@@ -575,3 +575,26 @@ def test_atom_id_is_the_hash_of_its_canonical_triple(content, sig):
 
     expected = hashlib.sha256(msgpack.packb(["atom", content, _type_raw(sig)], use_bin_type=True)).hexdigest()
     assert atom_id(atom(content, type_sig=sig)) == expected
+
+
+@PROPERTY
+@given(ctx=st.builds(lambda n: root(*(atom(f"atom {i}", i / 10) for i in range(n))), st.integers(0, 12)),
+       positions=st.lists(st.integers(0, 11), max_size=6))
+def test_raw_atoms_at_decodes_just_the_atoms_asked_for(ctx, positions):
+    from sync.codec import raw_atoms_at
+
+    data = encode_context(ctx)
+    everything = msgpack.unpackb(data, use_list=False)[2]
+    if all(p < len(everything) for p in positions):
+        assert raw_atoms_at(data, positions) == {p: everything[p] for p in positions}
+    else:
+        with pytest.raises(DecodeError):
+            raw_atoms_at(data, positions)
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1", msgpack.packb([1, None]), msgpack.packb([1, None, ["abcdefghij"], [], [], {}])[:10]])
+def test_raw_atoms_at_refuses_what_is_not_a_context(data):
+    from sync.codec import raw_atoms_at
+
+    with pytest.raises(DecodeError):
+        raw_atoms_at(data, [0])
