@@ -207,8 +207,20 @@ def _stored_timestamp(ts: int) -> datetime:
     return _EPOCH + ts * _MICROSECOND
 
 
-_new_atom = object.__new__
-_set_field = object.__setattr__
+def _slot_setter(cls: type, name: str):
+    """A C-level setter of one field of a frozen (slotted) class: its slot's
+    descriptor, which skips both the frozen check and the attribute lookup
+    object.__setattr__ makes on every call."""
+    slot = cls.__dict__.get(name)
+    if type(slot).__name__ == "member_descriptor":
+        return slot.__set__
+    return lambda obj, value: object.__setattr__(obj, name, value)
+
+
+_ATOM_SETTERS = tuple(
+    _slot_setter(MemoryAtom, name)
+    for name in ("content", "type_sig", "timestamp", "source_hash", "relevance_score", "content_hash", "tokens")
+)
 
 
 def stored_atoms(raw_atoms: Sequence, positions: Iterable[int], ids: Iterable[bytes],
@@ -223,20 +235,22 @@ def stored_atoms(raw_atoms: Sequence, positions: Iterable[int], ids: Iterable[by
     out = []
     append = out.append
     types: dict[tuple, TypeSignature] = {}
+    new, cls, timestamp = object.__new__, MemoryAtom, _stored_timestamp
+    set_content, set_type, set_timestamp, set_source, set_relevance, set_hash, set_tokens = _ATOM_SETTERS
     try:
         for position, atom_id, count in zip(positions, ids, tokens):
             content, type_raw, ts, source, relevance = raw_atoms[position]
             sig = types.get(type_raw)
             if sig is None:
                 sig = types[type_raw] = _interned_type(type_raw)
-            atom = _new_atom(MemoryAtom)
-            _set_field(atom, "content", content)
-            _set_field(atom, "type_sig", sig)
-            _set_field(atom, "timestamp", _stored_timestamp(ts))
-            _set_field(atom, "source_hash", source)
-            _set_field(atom, "relevance_score", relevance)
-            _set_field(atom, "content_hash", atom_id.hex())
-            _set_field(atom, "tokens", count)
+            atom = new(cls)
+            set_content(atom, content)
+            set_type(atom, sig)
+            set_timestamp(atom, timestamp(ts))
+            set_source(atom, source)
+            set_relevance(atom, relevance)
+            set_hash(atom, atom_id.hex())
+            set_tokens(atom, count)
             append(atom)
     except (ValueError, TypeError, IndexError, OverflowError) as exc:
         # Bytes altered on disk behind the store's back (fsck names them).
