@@ -605,13 +605,13 @@ def test_cold_stream_finds_dead_atoms_by_prefix_and_by_full_id(tmp_path_factory,
     """The cold scan matches ids on their first 8 bytes and checks the full
     id; with 2-bit "prefixes" nearly every atom collides, which must send
     it to full ids and still give the expansion's atoms."""
-    from sync import expand as expand_module
+    from sync import livescan
 
-    real = expand_module._prefixes
+    real = livescan._prefixes
     s = make_store(kind, tmp_path_factory.mktemp("s"))
     with pytest.MonkeyPatch.context() as patch:
         if prefix_bits < 64:
-            patch.setattr(expand_module, "_prefixes", lambda ids: [p % (1 << prefix_bits) for p in real(ids)])
+            patch.setattr(livescan, "_prefixes", lambda ids: [p % (1 << prefix_bits) for p in real(ids)])
         try:
             s.put_many(chain)
             atoms, _types, _tokens = naive_expand(chain)
