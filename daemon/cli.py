@@ -564,6 +564,9 @@ def cmd_fsck(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
             except DecodeError as exc:
                 problems += 1
                 print(f"cannot rebuild the full-text index: {exc}", file=out)
+            fixed = store.rebuild_atom_indexes()
+            if fixed:
+                print(f"fsck: rebuilt the atom index of {fixed} context(s)", file=out)
         else:
             state = store.text_index_state()
             if state != fulltext.CURRENT:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -124,8 +125,19 @@ def raw_atom_id(content: str, type_raw: list | tuple) -> bytes:
     return hashlib.sha256(_pack(["atom", content, type_raw])).digest()
 
 
+# msgpack(["atom", content, type]) is a 3-element array header (0x93),
+# then each element's own encoding: the bytes raw_atom_id hashes.
+_ATOM_ID_PREFIX = b"\x93" + _pack("atom")
+
+
+@functools.lru_cache(maxsize=4096)
+def _packed_type(sig: TypeSignature) -> bytes:
+    # A store holds few distinct types: encode each once, not once per atom.
+    return _pack(_type_raw(sig))
+
+
 def atom_id(atom: MemoryAtom) -> str:
-    return raw_atom_id(atom.content, _type_raw(atom.type_sig)).hex()
+    return hashlib.sha256(_ATOM_ID_PREFIX + _pack(atom.content) + _packed_type(atom.type_sig)).hexdigest()
 
 
 def bytes_id(data: bytes) -> str:
@@ -191,6 +203,63 @@ def atom_from_raw(raw: Any, path: str = "atom") -> MemoryAtom:
     return MemoryAtom(content, sig, _EPOCH + ts * _MICROSECOND, source, relevance)
 
 
+@functools.lru_cache(maxsize=4096)
+def _stored_timestamp(ts: int) -> datetime:
+    # Atoms of one conversation share timestamps: build each datetime once.
+    return _EPOCH + ts * _MICROSECOND
+
+
+def _slot_setter(cls: type, name: str):
+    """A C-level setter of one field of a frozen (slotted) class: its slot's
+    descriptor, which skips both the frozen check and the attribute lookup
+    object.__setattr__ makes on every call."""
+    slot = cls.__dict__.get(name)
+    if type(slot).__name__ == "member_descriptor":
+        return slot.__set__
+    return lambda obj, value: object.__setattr__(obj, name, value)
+
+
+_ATOM_SETTERS = tuple(
+    _slot_setter(MemoryAtom, name)
+    for name in ("content", "type_sig", "timestamp", "source_hash", "relevance_score", "content_hash", "tokens")
+)
+
+
+def stored_atoms(raw_atoms: Sequence, positions: Iterable[int], ids: Iterable[bytes],
+                 tokens: Iterable[int]) -> list[MemoryAtom]:
+    """Atoms `raw_atoms[p]` for each position, from bytes the store
+    verified when they were put (as decode_context(verify=False) trusts
+    them), without re-running the model's checks: expansion builds up to
+    a million of these, and the checks cost more than all the rest. Each
+    atom's id and token count come from the store's atom index
+    (sync/atomindex.py), so neither is recomputed. Never for bytes from
+    outside."""
+    out = []
+    append = out.append
+    types: dict[tuple, TypeSignature] = {}
+    new, cls, timestamp = object.__new__, MemoryAtom, _stored_timestamp
+    set_content, set_type, set_timestamp, set_source, set_relevance, set_hash, set_tokens = _ATOM_SETTERS
+    try:
+        for position, atom_id, count in zip(positions, ids, tokens):
+            content, type_raw, ts, source, relevance = raw_atoms[position]
+            sig = types.get(type_raw)
+            if sig is None:
+                sig = types[type_raw] = _interned_type(type_raw)
+            atom = new(cls)
+            set_content(atom, content)
+            set_type(atom, sig)
+            set_timestamp(atom, timestamp(ts))
+            set_source(atom, source)
+            set_relevance(atom, relevance)
+            set_hash(atom, atom_id.hex())
+            set_tokens(atom, count)
+            append(atom)
+    except (ValueError, TypeError, IndexError, OverflowError) as exc:
+        # Bytes altered on disk behind the store's back (fsck names them).
+        raise DecodeError(f"stored context does not decode: {exc}") from None
+    return out
+
+
 def molecule_from_raw(raw: Any, path: str) -> MemoryMolecule:
     atoms, relations, mtype, metadata = _list(raw, path, 4)
     _expect(isinstance(relations, dict), f"{path}.relations", "a map")
@@ -230,6 +299,35 @@ def unpack_bounded(data: bytes, max_bytes: int) -> Any:
         return msgpack.unpackb(data, raw=False, use_list=False, strict_map_key=True, max_ext_len=0)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise DecodeError(f"not valid MessagePack: {exc}") from None
+
+
+def raw_atoms_at(data: bytes, positions: Iterable[int]) -> dict[int, Any]:
+    """Raw atoms at the given positions of an encoded context's atom array,
+    decoding only those: the atoms before each are skipped, never built.
+    Bounded as unpack_bounded is."""
+    if len(data) > MAX_CONTEXT_BYTES:
+        raise DecodeError(f"encoded object is {len(data)} bytes; the limit is {MAX_CONTEXT_BYTES}")
+    unpacker = msgpack.Unpacker(raw=False, use_list=False, strict_map_key=True, max_ext_len=0,
+                                max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
+    found = {}
+    try:
+        _expect(unpacker.read_array_header() == 6, "context", "an array of 6 items")
+        unpacker.skip()  # format
+        unpacker.skip()  # base
+        count = unpacker.read_array_header()
+        at = 0
+        for position in sorted(set(positions)):
+            _expect(0 <= position < count, "context.atoms", f"an atom at position {position}")
+            for _ in range(position - at):
+                unpacker.skip()
+            found[position] = unpacker.unpack()
+            at = position + 1
+    except DecodeError:
+        raise
+    except (ValueError, msgpack.OutOfData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise DecodeError(f"not valid MessagePack: {exc}") from None
+    return found
 
 
 def decode_context(data: bytes, *, verify: bool = True) -> CompressedContext:

@@ -10,104 +10,315 @@ Expansion is iterative (no recursion, so a 100,000-deep chain is fine) and
 memoised: the expander keeps the state of recent expansions, so expanding a
 child of a context it has seen walks back only to that ancestor.
 
-The stream (`stream_expansion`) is lazy: it scans the lineage once in raw
-MessagePack form, keeps a heap of live atoms, and builds atom objects only
-for the chunk it is about to hand out.
+It reads the store's atom index of each delta (sync/atomindex.py: the ids,
+relevance and tokens of the atoms it adds, most relevant first, and the ids
+it removes), so which atoms are live is known without decoding or hashing
+an atom, and each delta's atoms arrive already in order: one stable sort by
+relevance merges the deltas. Atom objects are built only for live atoms,
+from the store's own (verified) bytes, without re-running the model's checks.
+
+The stream (`stream_expansion`) is lazy: without a remembered expansion
+it scans the lineage's atom indexes once (sync/livescan.py), merges the
+deltas' live atoms lazily, and decodes only the atoms it hands out.
 """
 
 from __future__ import annotations
 
 import bisect
-import heapq
 import itertools
+import math
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from operator import attrgetter, itemgetter, neg as _negate
 
 import attrs
 import msgpack
 
-from sync import codec
+from sync import atomindex, codec, livescan
+from sync.atomindex import AtomIndex
 from sync.model import CompressedContext, ExpandedContext, MemoryAtom, MemoryMolecule
-from sync.store import ContextStore, MissingBase, NotFound, UnheldRemoval
+from sync.store import ContextStore, MissingBase, UnheldRemoval
 
 # Expansions kept for memoisation. Each holds one entry per live atom, so
 # eight 100k-atom expansions are a few hundred MB at worst; LRU beyond that.
 DEFAULT_CACHE_ENTRIES = 8
-# Up to this many deltas over a remembered expansion are merged into its
-# order one by one; longer runs are applied unordered and sorted once.
-INCREMENTAL_ORDER_DELTAS = 4
+# A delta over a remembered expansion that adds or kills up to this many
+# atoms is merged into its order one atom at a time (a binary search and a
+# memmove each); beyond that, the order is rebuilt with one linear merge.
+INCREMENTAL_ORDER_ATOMS = 64
 
 
-# A live atom: (-relevance, level, index, atom id, atom). Tuples sort by
-# relevance, then lineage order; (level, index) is unique, so comparison
-# never reaches the id or the atom.
-_Entry = tuple[float, int, int, str, MemoryAtom]
+# A live atom: (-relevance, place, atom), place = level << 32 | position in
+# its delta. Tuples sort by relevance, then lineage order; (-relevance,
+# place) is unique, so comparison never reaches the atom.
+_Entry = tuple[float, int, MemoryAtom]
+_LEVEL_SHIFT = 32
+_relevance_key = itemgetter(0)
+_entry_atom = itemgetter(2)
+_printed_type = attrgetter("type_sig.printed")
+
+
+def _place(level: int, position: int) -> int:
+    return level << _LEVEL_SHIFT | position
+
+
+@attrs.define
+class _Level:
+    """One delta to apply: its id, atom index, atoms and molecules.
+
+    `atoms` holds MemoryAtom objects (a context object) or the raw decoded
+    atoms of stored bytes (`built` False), from which only live atoms are
+    ever made into objects.
+    """
+
+    context_id: str
+    index: AtomIndex
+    atoms: Sequence
+    molecules: Sequence[MemoryMolecule]
+    built: bool
+
+    @classmethod
+    def of_context(cls, ctx: CompressedContext) -> _Level:
+        return cls(ctx.id, atomindex.parse(atomindex.build(ctx)), ctx.delta_atoms, ctx.delta_molecules, True)
+
+    @classmethod
+    def of_stored(cls, context_id: str, data: bytes, index: bytes) -> _Level:
+        # Our own bytes, checked when they were put; fsck re-verifies them.
+        _version, _base, atoms, molecules, _removed, _metadata = codec.unpack_bounded(data, codec.MAX_CONTEXT_BYTES)
+        return cls(
+            context_id,
+            livescan.parsed_index(data, index),
+            atoms,
+            [codec.molecule_from_raw(m, f"delta_molecules[{i}]") for i, m in enumerate(molecules)],
+            False,
+        )
+
+    def atom(self, j: int, atom_id: bytes) -> MemoryAtom:
+        """The j-th effective add (index order) as an object."""
+        return self.atoms_of([j], [atom_id])[0]
+
+    def atoms_of(self, keep: Sequence[int], ids: Sequence[bytes]) -> list[MemoryAtom]:
+        """The effective adds `keep` (index order; `ids` are theirs) as objects."""
+        positions = self.index.positions
+        if isinstance(keep, range) and len(keep) == len(positions):
+            picked = positions
+        else:
+            picked = [positions[j] for j in keep]
+        if self.built:
+            return [self.atoms[p] for p in picked]
+        tokens = self.index.tokens
+        return codec.stored_atoms(self.atoms, picked, ids, tokens if picked is positions else [tokens[j] for j in keep])
+
+
+# A child's live map shares its parent's; past this many layers it is
+# flattened into one dict (one copy per so many generations).
+_MAX_LIVE_LAYERS = 8
+
+
+class _LiveIds:
+    """Atom id -> entry of an expansion's live atoms.
+
+    A child expansion shares its parent's map (a remembered expansion is
+    never changed again) and keeps its own changes on top, so deriving a
+    child costs its delta, not a copy of every entry; past a few layers it
+    flattens into one dict.
+    """
+
+    __slots__ = ("_own", "_under", "_layers", "_size")
+
+    def __init__(self, own: dict[bytes, _Entry | None] | None = None, under: _LiveIds | None = None) -> None:
+        self._own = {} if own is None else own  # None: removed in this layer
+        self._under = under
+        self._layers = 0 if under is None else under._layers + 1
+        self._size = len(self._own) if under is None else len(under)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def child(self) -> _LiveIds:
+        if self._layers + 1 >= _MAX_LIVE_LAYERS:
+            return _LiveIds(self.flat_copy())
+        return _LiveIds(under=self)
+
+    def get(self, atom_id: bytes) -> _Entry | None:
+        layer: _LiveIds | None = self
+        while layer is not None:
+            own = layer._own
+            if atom_id in own:
+                return own[atom_id]
+            layer = layer._under
+        return None
+
+    def pop(self, atom_id: bytes) -> _Entry | None:
+        entry = self.get(atom_id)
+        if entry is not None:
+            if self._under is None:
+                del self._own[atom_id]
+            else:
+                self._own[atom_id] = None
+            self._size -= 1
+        return entry
+
+    def set(self, atom_id: bytes, entry: _Entry) -> None:
+        if self.get(atom_id) is None:
+            self._size += 1
+        self._own[atom_id] = entry
+
+    def flat_copy(self) -> dict[bytes, _Entry]:
+        """Every live id and its entry, in a dict of the caller's own."""
+        layers = []
+        layer: _LiveIds | None = self
+        while layer is not None:
+            layers.append(layer._own)
+            layer = layer._under
+        flat = dict(layers.pop())
+        for own in reversed(layers):
+            for atom_id, entry in own.items():
+                if entry is None:
+                    flat.pop(atom_id, None)
+                else:
+                    flat[atom_id] = entry
+        return flat
 
 
 @attrs.define
 class _State:
     """A running expansion, kept ordered so a child's result costs ~its delta."""
 
-    atoms: dict[str, _Entry] = attrs.field(factory=dict)
+    live: _LiveIds = attrs.field(factory=_LiveIds)  # atom id -> its entry
+    # Entries in output order, and their atoms (what a result is made of).
+    # Never mutated in place, so copies share them.
+    entries: list[_Entry] = attrs.field(factory=list)
+    atoms: list[MemoryAtom] = attrs.field(factory=list)
     molecules: list[MemoryMolecule] = attrs.field(factory=list)
     path: list[str] = attrs.field(factory=list)
     tokens: int = 0
     types: Counter = attrs.field(factory=Counter)
-    # Entries in output order, or None when not kept up to date (a long run
-    # of deltas is applied unordered and sorted once). Never mutated in
-    # place, so copies share it.
-    ordered: list[_Entry] | None = attrs.field(factory=list)
+    _result: ExpandedContext | None = None
 
     def copy(self) -> _State:
-        return _State(dict(self.atoms), list(self.molecules), list(self.path), self.tokens, Counter(self.types), self.ordered)
+        return _State(self.live.child(), self.entries, self.atoms, list(self.molecules), list(self.path),
+                      self.tokens, Counter(self.types), self._result)
 
     def _drop(self, entry: _Entry) -> None:
-        atom = entry[4]
+        atom = entry[2]
         self.tokens -= atom.tokens
-        self.types[str(atom.type_sig)] -= 1
+        self.types[atom.type_sig.printed] -= 1
 
-    def apply(self, context_id: str, ctx: CompressedContext, *, keep_order: bool = True) -> None:
-        level = len(self.path)
-        dropped = False
-        for h in ctx.removed_hashes:
-            old = self.atoms.pop(h, None)
-            if old is not None:
-                self._drop(old)
-                dropped = True
-        added = []
-        for index, atom in enumerate(ctx.delta_atoms):
-            h = atom.content_hash
-            old = self.atoms.get(h)
-            if old is not None:
-                self._drop(old)
-                dropped = True
-            entry = (-atom.relevance_score, level, index, h, atom)
-            self.atoms[h] = entry
-            added.append(entry)
-            self.tokens += atom.tokens
-            self.types[str(atom.type_sig)] += 1
-        if keep_order and self.ordered is not None:
-            live = self.atoms
-            kept = [e for e in self.ordered if live.get(e[3]) is e] if dropped else self.ordered
-            added = [e for e in added if live[e[3]] is e]
-            added.sort()
-            # Two sorted runs: timsort merges them in linear time.
-            self.ordered = sorted(kept + added) if added else kept
+    def apply(self, context_id: str, ctx: CompressedContext) -> None:
+        self.apply_levels([_Level.of_context(ctx)])
+
+    def apply_levels(self, levels: list[_Level]) -> None:
+        """Apply deltas, root first: one at a time into the order if small,
+        else all at once with one merge."""
+        self._result = None
+        work = sum(len(level.index) + len(level.index.removed) // atomindex.ID_BYTES for level in levels)
+        if work <= INCREMENTAL_ORDER_ATOMS:
+            for level in levels:
+                self._apply_in_order(level)
         else:
-            self.ordered = None
-        self.molecules.extend(ctx.delta_molecules)
-        self.path.append(context_id)
+            self._apply_merged(levels)
+
+    def _apply_in_order(self, level: _Level) -> None:
+        live = self.live
+        entries = list(self.entries)
+        atoms = list(self.atoms)
+        number = len(self.path)
+        index = level.index
+        ids = index.id_list()
+        for atom_id in itertools.chain(index.removed_list(), ids):
+            old = live.pop(atom_id)
+            if old is not None:
+                self._drop(old)
+                at = bisect.bisect_left(entries, old[:2])
+                del entries[at], atoms[at]
+        for j, atom_id in enumerate(ids):
+            atom = level.atom(j, atom_id)
+            entry = (-index.relevances[j], _place(number, index.positions[j]), atom)
+            live.set(atom_id, entry)
+            at = bisect.bisect_right(entries, entry)
+            entries.insert(at, entry)
+            atoms.insert(at, atom)
+            self.tokens += index.tokens[j]
+            self.types[atom.type_sig.printed] += 1
+        self.entries = entries
+        self.atoms = atoms
+        self.molecules.extend(level.molecules)
+        self.path.append(level.context_id)
+
+    def _apply_merged(self, levels: list[_Level]) -> None:
+        # Which added atoms survive: walking from the tip, an atom is live
+        # unless a later delta re-adds or removes its id. Dead ones are few
+        # as a rule: found by set intersection, not by a loop over atoms.
+        seen: set[bytes] = set()
+        surviving: list[tuple[list[bytes], set[int]]] = []
+        for level in reversed(levels):
+            ids = level.index.id_list()
+            # Ids are unique within a delta's index: index() finds the one.
+            dead = set() if seen.isdisjoint(ids) else set(map(ids.index, seen.intersection(ids)))
+            seen.update(ids)
+            seen.update(level.index.removed_list())
+            surviving.append((ids, dead))
+        surviving.reverse()
+        live = self.live.flat_copy()  # this path is linear in the live atoms anyway
+        entries = self.entries
+        if live and seen:
+            smaller, larger = (seen, live) if len(seen) < len(live) else (list(live), seen)
+            killed = [live.pop(h) for h in [h for h in smaller if h in larger]]
+            if killed:
+                for entry in killed:
+                    self._drop(entry)
+                gone = {entry[1] for entry in killed}
+                entries = [e for e in entries if e[1] not in gone]
+        added: list[_Entry] = []
+        printed: list[str] = []
+        number = len(self.path)
+        for level, (ids, dead) in zip(levels, surviving):
+            index = level.index
+            tokens = index.tokens
+            if len(dead) * 4 > len(ids):  # mostly dead: build the live ones only
+                keep = [j for j in range(len(ids)) if j not in dead]
+                ids = [ids[j] for j in keep]
+                atoms = level.atoms_of(keep, ids)
+                relevances: Sequence[float] = [index.relevances[j] for j in keep]
+                positions: Sequence[int] = [index.positions[j] for j in keep]
+                self.tokens += sum(tokens[j] for j in keep)
+                dead = set()
+            else:  # build all, then drop the few dead (C-level list work)
+                atoms = level.atoms_of(range(len(ids)), ids)
+                relevances, positions = index.relevances, index.positions
+                self.tokens += sum(tokens) - sum(tokens[j] for j in dead)
+            new = list(zip(map(_negate, relevances), map(_place(number, 0).__or__, positions), atoms))
+            if dead:
+                ids = list(ids)
+                for j in sorted(dead, reverse=True):
+                    del new[j], ids[j], atoms[j]
+            live.update(zip(ids, new))
+            added += new
+            printed += map(_printed_type, atoms)
+            self.molecules.extend(level.molecules)
+            self.path.append(level.context_id)
+            number += 1
+        self.types.update(printed)
+        self.live = _LiveIds(live)
+        # The kept entries are in order and each delta's in relevance order,
+        # concatenated in lineage order: a stable sort on relevance alone
+        # gives (relevance, lineage order), merging the runs.
+        merged = entries + added
+        merged.sort(key=_relevance_key)
+        self.entries = merged
+        self.atoms = list(map(_entry_atom, merged))
 
     def result(self) -> ExpandedContext:
-        if self.ordered is None:
-            self.ordered = sorted(self.atoms.values())
-        return ExpandedContext(
-            atoms=tuple(e[4] for e in self.ordered),
-            molecules=tuple(self.molecules),
-            expansion_path=tuple(self.path),
-            total_tokens_estimate=self.tokens,
-            type_summary={t: n for t, n in self.types.items() if n},
-        )
+        if self._result is None:
+            self._result = ExpandedContext(
+                atoms=tuple(self.atoms),
+                molecules=tuple(self.molecules),
+                expansion_path=tuple(self.path),
+                total_tokens_estimate=self.tokens,
+                type_summary={t: n for t, n in self.types.items() if n},
+            )
+        return self._result
 
 
 class ExpanderFunctor:
@@ -123,24 +334,20 @@ class ExpanderFunctor:
         if cached is not None:
             self._cache.move_to_end(context_id)
             return cached
-        pending: list[tuple[str, bytes]] = []
+        pending: list[tuple[str, bytes, bytes]] = []
         state = None
         # The store holds no context without its base, so the walk ends at a
         # root or at an ancestor this expander already knows; only the
-        # contexts in between are decoded.
-        for cid, data in self.store.walk_back_bytes(context_id):
+        # contexts in between are read.
+        for cid, data, index in self.store.walk_back_indexed(context_id):
             cached = self._cache.get(cid)
             if cached is not None:
                 state = cached.copy()
                 break
-            pending.append((cid, data))
+            pending.append((cid, data, index))
         if state is None:
             state = _State()
-        # Keeping the order up to date costs O(n) per delta; past a few
-        # deltas one sort at the end is cheaper.
-        keep_order = len(pending) <= INCREMENTAL_ORDER_DELTAS
-        for cid, data in reversed(pending):
-            state.apply(cid, codec.decode_context(data, verify=False), keep_order=keep_order)
+        state.apply_levels([_Level.of_stored(cid, data, index) for cid, data, index in reversed(pending)])
         self._remember(context_id, state)
         return state
 
@@ -153,11 +360,7 @@ class ExpanderFunctor:
     def remembered(self, context_id: str) -> list[_Entry] | None:
         """The ordered live atoms of an expansion this expander holds, else None."""
         state = self._cache.get(context_id)
-        if state is None:
-            return None
-        if state.ordered is None:
-            state.ordered = sorted(state.atoms.values())
-        return state.ordered
+        return None if state is None else state.entries
 
     def ordered(self, context_id: str) -> list[_Entry]:
         """The ordered live atoms of a stored context, memoised.
@@ -165,10 +368,12 @@ class ExpanderFunctor:
         The list is the expander's own, shared by every caller: read it,
         never change it.
         """
-        state = self._state_of(context_id)
-        if state.ordered is None:
-            state.ordered = sorted(state.atoms.values())
-        return state.ordered
+        return self._state_of(context_id).entries
+
+    def ordered_atoms(self, context_id: str) -> list[MemoryAtom]:
+        """The live atoms of a stored context in output order (the
+        expander's own list, as `ordered`: read it, never change it)."""
+        return self._state_of(context_id).atoms
 
     def expand(self, target: CompressedContext | str) -> ExpandedContext:
         """Expand a stored context by id, or a context object over a stored base."""
@@ -324,20 +529,19 @@ def stream_expansion(
     last) has `is_final`; an empty expansion yields one empty final chunk.
 
     With an `expander` that remembers the target's expansion, chunks come
-    straight from it; otherwise the lineage is scanned once in raw form and
-    atom objects are built only as chunks are handed out.
+    straight from it; otherwise the lineage's atom indexes are scanned once
+    and atom objects are built only as chunks are handed out.
     """
     _check_chunking(chunk_size, max_tokens_per_chunk)
     remembered = expander.remembered(target) if expander is not None and isinstance(target, str) else None
     if remembered is not None:
-        count = bisect.bisect_right(remembered, -relevance_threshold, key=lambda e: e[0])
-        atoms = (e[4] for e in itertools.islice(remembered, count))
+        count = _count_ordered(remembered, relevance_threshold)
+        atoms = map(_entry_atom, itertools.islice(remembered, count))
         yield from _chunked(atoms, count, chunk_size, max_tokens_per_chunk)
         return
-    heap = _live_atoms(store, target, relevance_threshold)
-    heapq.heapify(heap)
-    popped = (codec.atom_from_raw(heapq.heappop(heap)[3]) for _ in range(len(heap)))
-    yield from _chunked(popped, len(heap), chunk_size, max_tokens_per_chunk)
+    scan = livescan.LiveScan(store, target, relevance_threshold)
+    # One more than a chunk: _chunked looks one atom ahead to know if more follow.
+    yield from _chunked(scan.atoms(first=chunk_size + 1), scan.total, chunk_size, max_tokens_per_chunk)
 
 
 @attrs.define
@@ -376,19 +580,18 @@ class StreamCursor:
         if self.position == 0 and expander.remembered(self.target) is None:
             return [self._cold_first_chunk(store)]
         ordered = expander.ordered(self.target)
-        total = bisect.bisect_right(ordered, -self.relevance_threshold, key=lambda e: e[0])
-        atoms = (e[4] for e in itertools.islice(ordered, self.position, total))
+        total = _count_ordered(ordered, self.relevance_threshold)
+        atoms = map(_entry_atom, itertools.islice(ordered, self.position, total))
         chunks = _chunked(atoms, total, self.chunk_size, self.max_tokens_per_chunk,
                           chunk_id=self.chunk_id, cumulative=self.cumulative_tokens, emitted=self.position)
         return _take(chunks, max_chunks, max_atoms)
 
     def _cold_first_chunk(self, store: ContextStore) -> ExpansionChunk:
-        entries = _live_atoms(store, self.target, self.relevance_threshold)
-        best = heapq.nsmallest(self.chunk_size, entries)  # a chunk never holds more
-        atoms = (codec.atom_from_raw(entry[3]) for entry in best)
-        chunk = next(_chunked(atoms, len(entries), self.chunk_size, self.max_tokens_per_chunk))
+        scan = livescan.LiveScan(store, self.target, self.relevance_threshold)
+        best = itertools.islice(scan.atoms(first=self.chunk_size), self.chunk_size)  # a chunk never holds more
+        chunk = next(_chunked(best, scan.total, self.chunk_size, self.max_tokens_per_chunk))
         # _chunked saw only the best few atoms: whether more follow is the count's to say.
-        return attrs.evolve(chunk, is_final=len(chunk.atoms) == len(entries))
+        return attrs.evolve(chunk, is_final=len(chunk.atoms) == scan.total)
 
     def advance(self, chunk: ExpansionChunk) -> None:
         """The chunk went out: the next one follows it."""
@@ -443,50 +646,6 @@ def _chunked(atoms: Iterator[MemoryAtom], total: int, chunk_size: int, max_token
         chunk_id += 1
 
 
-def _live_atoms(store: ContextStore, target: CompressedContext | str, threshold: float) -> list[tuple]:
-    """Heap entries (-relevance, -level_from_tip, index, raw_atom) of live atoms.
-
-    Walking from the tip toward the root, an atom is live unless a level
-    nearer the tip already re-added it (same content and type: what its id
-    hashes) or removed its id; within one delta the last occurrence wins.
-    Ids are computed only for atoms below a removal, never for the rest.
-    The heap key orders by relevance, then lineage order: an atom added
-    closer to the root (farther from the tip) first, then delta order.
-    """
-    shadowed: set[tuple] = set()
-    removed: set[bytes] = set()
-    entries: list[tuple] = []
-    for level, data in enumerate(_lineage_bytes(store, target)):
-        _version, _base, atoms, _molecules, level_removed, _metadata = msgpack.unpackb(data, use_list=False)
-        for index in range(len(atoms) - 1, -1, -1):
-            raw = atoms[index]
-            key = (raw[0], raw[1])
-            if key in shadowed:
-                continue
-            shadowed.add(key)
-            if removed and codec.raw_atom_id(raw[0], raw[1]) in removed:
-                continue
-            if raw[4] >= threshold:
-                entries.append((-raw[4], -level, index, raw))
-        removed.update(level_removed)
-    return entries
-
-
-def _lineage_bytes(store: ContextStore, target: CompressedContext | str) -> Iterator[bytes]:
-    """Canonical bytes of the target and each ancestor, tip first."""
-    if isinstance(target, CompressedContext):
-        yield codec.encode_context(target)
-        if target.base_hash is None:
-            return
-        if not store.has(target.base_hash):
-            raise MissingBase(target.id, target.base_hash)
-        target = target.base_hash
-    child = None
-    try:
-        for cid, data in store.walk_back_bytes(target):
-            child = cid
-            yield data
-    except NotFound as exc:
-        if child is None:
-            raise
-        raise MissingBase(child, exc.context_id) from None
+def _count_ordered(entries: list[_Entry], threshold: float) -> int:
+    """How many of the ordered entries have relevance >= threshold."""
+    return bisect.bisect_right(entries, (-threshold, math.inf))

@@ -124,18 +124,15 @@ def _index_atoms(db: sqlite3.Connection, atoms: Iterable[MemoryAtom]) -> int:
     fresh: dict[bytes, str] = {}
     for atom in atoms:
         fresh.setdefault(bytes.fromhex(atom.content_hash), atom.content)
-    keys = list(fresh)
-    for start in range(0, len(keys), _CHUNK):
-        chunk = keys[start : start + _CHUNK]
-        marks = ",".join("?" * len(chunk))
-        for (held,) in db.execute(f"SELECT hash FROM atom_text_ids WHERE hash IN ({marks})", chunk):
-            del fresh[held]
     if not fresh:
         return 0
+    # One insert that skips the ids already held, instead of looking each
+    # up first: without AUTOINCREMENT, new rows get ids from max(id) + 1
+    # on, so the rows at or after that id are exactly the new ones.
     first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM atom_text_ids").fetchone()[0]
-    rows = list(enumerate(fresh.items(), first))
-    db.executemany("INSERT INTO atom_text_ids (id, hash) VALUES (?, ?)", [(i, h) for i, (h, _c) in rows])
-    db.executemany("INSERT INTO atom_text (rowid, content) VALUES (?, ?)", [(i, c) for i, (_h, c) in rows])
+    db.executemany("INSERT OR IGNORE INTO atom_text_ids (hash) VALUES (?)", [(h,) for h in fresh])
+    rows = db.execute("SELECT id, hash FROM atom_text_ids WHERE id >= ?", (first,)).fetchall()
+    db.executemany("INSERT INTO atom_text (rowid, content) VALUES (?, ?)", [(i, fresh[h]) for i, h in rows])
     return len(rows)
 
 

@@ -74,7 +74,7 @@ def _live(expander: ExpanderFunctor, context_id: str | None) -> dict[str, Memory
     """Live atoms by id, in expansion order (most relevant first)."""
     if context_id is None:
         return {}
-    return {entry[3]: entry[4] for entry in expander.ordered(context_id)}
+    return {atom.content_hash: atom for atom in expander.ordered_atoms(context_id)}
 
 
 def _molecules_since(store: ContextStore, context_id: str, ancestor: str | None) -> list[MemoryMolecule]:

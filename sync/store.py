@@ -25,14 +25,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from sync import fulltext, refstore
+from sync import atomindex, fulltext, refstore
 from sync.codec import MAX_CONTEXT_BYTES, DecodeError, bytes_id, decode_context, encode_context
 from sync.model import CompressedContext, check_id
 from sync.refs import RefTable, RefUpdate, RefValue, decode_update, encode_update, is_ref_update_bytes, verify_update
 
-# 2: the ref_updates table (sync/refstore.py). A schema-1 store is upgraded
-# in place when opened; this code refuses a store of a later schema.
-SCHEMA_VERSION = 2
+# 2: the ref_updates table (sync/refstore.py). 3: contexts.atom_index, a
+# derived column (sync/atomindex.py). An older store is upgraded in place
+# when opened; this code refuses a store of a later schema.
+SCHEMA_VERSION = 3
 
 
 class StoreError(Exception):
@@ -115,6 +116,7 @@ class ContextStore(Protocol):
     def get_lineage(self, context_id: str) -> list[str]: ...
     def walk_back(self, context_id: str) -> Iterator[tuple[str, CompressedContext]]: ...
     def walk_back_bytes(self, context_id: str) -> Iterator[tuple[str, bytes]]: ...
+    def walk_back_indexed(self, context_id: str, *, with_bytes: bool = True) -> Iterator[tuple[str, bytes | None, bytes]]: ...
     def send_order(self, object_ids: Sequence[str]) -> list[tuple[str, int]]: ...
     def get_many_bytes(self, object_ids: Sequence[str]) -> list[bytes]: ...
     def ids(self, start: str | None = None) -> Iterator[str]: ...
@@ -185,6 +187,7 @@ class InMemoryContextStore:
 
     def __init__(self) -> None:
         self._objects: dict[str, tuple[CompressedContext, bytes]] = {}
+        self._indexes: dict[str, bytes] = {}  # context id -> atom index (derived)
         self._updates: dict[str, tuple[RefUpdate, bytes]] = {}
         self._has_children: set[str] = set()
         self._refs = refstore.RefCache(lambda: [data for _u, data in self._updates.values()])
@@ -214,6 +217,8 @@ class InMemoryContextStore:
         contexts, updates, order = batch
         for cid, ctx, data in contexts:
             self._objects.setdefault(cid, (ctx, data))
+            if cid not in self._indexes:
+                self._indexes[cid] = atomindex.build(ctx)
             if ctx.base_hash is not None:
                 self._has_children.add(ctx.base_hash)
         for uid, update, data in updates:
@@ -251,6 +256,12 @@ class InMemoryContextStore:
     def walk_back_bytes(self, context_id: str) -> Iterator[tuple[str, bytes]]:
         for cid, _ctx in self.walk_back(context_id):
             yield cid, self._objects[cid][1]
+
+    def walk_back_indexed(self, context_id: str, *, with_bytes: bool = True) -> Iterator[tuple[str, bytes | None, bytes]]:
+        """As walk_back_bytes, with each context's atom index (the bytes
+        None unless `with_bytes`)."""
+        for cid, data in self.walk_back_bytes(context_id):
+            yield cid, data if with_bytes else None, self._indexes[cid]
 
     def send_order(self, object_ids: Sequence[str]) -> list[tuple[str, int]]:
         """(id, encoded size) of the given objects: contexts every base before
@@ -303,6 +314,8 @@ class InMemoryContextStore:
                 yield f"{cid}: stored bytes do not hash to the id"
             elif ctx.base_hash is not None and ctx.base_hash not in self._objects:
                 yield f"{cid}: base {ctx.base_hash} is missing"
+            elif self._indexes.get(cid) != atomindex.build(ctx):
+                yield f"{cid}: {_BAD_ATOM_INDEX}"
         for uid, (_update, data) in sorted(self._updates.items()):
             problem = refstore.check_stored_update(uid, data, self._objects.__contains__)
             if problem is not None:
@@ -316,16 +329,30 @@ class InMemoryContextStore:
         pass
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+# A rowid table since schema 3: a row holds up to 12 MB, and a WITHOUT
+# ROWID table keeps whole rows in its one b-tree, whose fan-out was then a
+# handful of rows a page: one step of a lineage walk cost ~50x a step
+# through the id index of a rowid table. The derived atom index comes
+# before the bytes, so reading it does not walk their overflow pages.
+_CONTEXTS_TABLE = """
 CREATE TABLE IF NOT EXISTS contexts (
     id    BLOB PRIMARY KEY,          -- SHA-256 of data
     base  BLOB,                      -- parent id, NULL for a root
     depth INTEGER NOT NULL,          -- 0 for a root, base's depth + 1 otherwise
+    atom_index BLOB,                 -- derived from data (sync.atomindex)
     data  BLOB NOT NULL              -- canonical encoding (sync.codec)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS contexts_base ON contexts(base);
+)"""
+_CONTEXTS_BASE_INDEX = "CREATE INDEX IF NOT EXISTS contexts_base ON contexts(base)"
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+{_CONTEXTS_TABLE};
+{_CONTEXTS_BASE_INDEX};
 """ + refstore.REF_SCHEMA
+
+_BAD_ATOM_INDEX = "derived atom index disagrees with the stored context (ctxfs fsck --repair rebuilds it)"
+# Contexts read per slice while (re)building atom indexes: bounded memory.
+_INDEX_PAGE = 256
 
 _LINEAGE = """
 WITH RECURSIVE chain(id, base) AS (
@@ -334,6 +361,25 @@ WITH RECURSIVE chain(id, base) AS (
     SELECT c.id, c.base FROM contexts c JOIN chain ON c.id = chain.base
 )
 SELECT chain.id, contexts.data FROM chain JOIN contexts ON contexts.id = chain.id
+"""
+# The rows travel through the recursion itself: SQLite then runs it as a
+# co-routine, and a walk that stops after a row or two reads a row or two
+# (a join after the recursion materialises the whole chain first).
+_LINEAGE_INDEXED = """
+WITH RECURSIVE chain(id, base, data, atom_index) AS (
+    SELECT id, base, data, atom_index FROM contexts WHERE id = ?
+    UNION ALL
+    SELECT c.id, c.base, c.data, c.atom_index FROM contexts c JOIN chain ON c.id = chain.base
+)
+SELECT id, data, atom_index FROM chain
+"""
+_LINEAGE_INDEX_ONLY = """
+WITH RECURSIVE chain(id, base, atom_index) AS (
+    SELECT id, base, atom_index FROM contexts WHERE id = ?
+    UNION ALL
+    SELECT c.id, c.base, c.atom_index FROM contexts c JOIN chain ON c.id = chain.base
+)
+SELECT id, NULL, atom_index FROM chain
 """
 
 
@@ -393,7 +439,11 @@ class SQLiteContextStore:
                 # it current on every put; an older store builds it on first
                 # use. Derived tables, not schema: no version bump.
                 fulltext.rebuild(self._db)
-            elif row[0] == "1":
+            elif row[0] in ("1", "2"):
+                # 1 -> 2 was the ref_updates table, created above; 2 -> 3
+                # rebuilds contexts (below). All in this transaction: a
+                # store is either upgraded whole or not at all.
+                self._upgrade_contexts_to_3()
                 self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
             elif row[0] != str(SCHEMA_VERSION):
                 raise StoreError(f"{self.path}: store schema {row[0]} is not supported (this is {SCHEMA_VERSION})")
@@ -485,10 +535,13 @@ class SQLiteContextStore:
                     depth = self._depth(ctx.base_hash)
                 depth += 1
             depths[cid] = depth
-            rows.append((bytes.fromhex(cid), None if ctx.base_hash is None else bytes.fromhex(ctx.base_hash), depth, data))
+            rows.append((bytes.fromhex(cid), None if ctx.base_hash is None else bytes.fromhex(ctx.base_hash), depth, data,
+                         atomindex.build(ctx)))
         # One statement for the batch: a row-at-a-time loop hands the GIL
         # back and forth with the event loop thread once per context.
-        stored = self._db.executemany("INSERT OR IGNORE INTO contexts VALUES (?, ?, ?, ?)", rows).rowcount
+        stored = self._db.executemany(
+            "INSERT OR IGNORE INTO contexts (id, base, depth, data, atom_index) VALUES (?, ?, ?, ?, ?)", rows
+        ).rowcount
         # The derived full-text index, in this same transaction: every put
         # path (a peer's OBJECTS too) comes here, so a current index stays so.
         fulltext.added(self._db, [ctx for _cid, ctx, _data in batch], stored)
@@ -546,6 +599,27 @@ class SQLiteContextStore:
         while rows:
             for cid, data in rows:
                 yield cid.hex(), _verified(cid.hex(), data)
+            batch = min(batch * 2, 256)
+            with self._lock:
+                rows = cursor.fetchmany(batch)
+
+    def walk_back_indexed(self, context_id: str, *, with_bytes: bool = True) -> Iterator[tuple[str, bytes | None, bytes]]:
+        """As walk_back_bytes, with each context's atom index
+        (sync/atomindex.py); the bytes are None unless `with_bytes` (a
+        reader that needs the bytes of a few contexts only reads a tenth
+        of the rows' size: get_bytes for those)."""
+        check_id(context_id, "context id")
+        cursor = self._db.cursor()
+        batch = 4  # as in walk_back_bytes: small first, growing
+        with self._lock:
+            cursor.execute(_LINEAGE_INDEXED if with_bytes else _LINEAGE_INDEX_ONLY, (bytes.fromhex(context_id),))
+            rows = cursor.fetchmany(batch)
+        if not rows:
+            raise NotFound(context_id)
+        while rows:
+            for cid, data, index in rows:
+                # Bytes handed on are hashed first, as every read's (_verified).
+                yield cid.hex(), None if data is None else _verified(cid.hex(), data), index
             batch = min(batch * 2, 256)
             with self._lock:
                 rows = cursor.fetchmany(batch)
@@ -680,6 +754,66 @@ class SQLiteContextStore:
                 return None
             return fulltext.rebuild(self._db)
 
+    # ------------------------------------------ the atom index column (derived)
+
+    def rebuild_atom_indexes(self) -> int:
+        """Recompute every context's atom index from its bytes (what
+        `fsck --repair` does); the number of rows that were wrong."""
+        with self._transaction():
+            return self._build_atom_indexes()
+
+    def _upgrade_contexts_to_3(self) -> None:
+        """Copy contexts into a rowid table with each row's atom index, a
+        page at a time (in the caller's transaction). The file needs room
+        for both copies until the old one is dropped."""
+        self._db.execute("ALTER TABLE contexts RENAME TO contexts_schema_2")
+        self._db.execute("DROP INDEX IF EXISTS contexts_base")
+        self._db.execute(_CONTEXTS_TABLE)
+        after = b""
+        while True:
+            rows = self._db.execute(
+                "SELECT id, base, depth, data FROM contexts_schema_2 WHERE id > ? ORDER BY id LIMIT ?",
+                (after, _INDEX_PAGE),
+            ).fetchall()
+            if not rows:
+                break
+            copied = []
+            for cid, base, depth, data in rows:
+                try:
+                    index = atomindex.build(decode_context(data, verify=False))
+                except DecodeError:
+                    index = None  # a damaged row: copied as it is, for fsck to name
+                copied.append((cid, base, depth, index, data))
+            self._db.executemany(
+                "INSERT INTO contexts (id, base, depth, atom_index, data) VALUES (?, ?, ?, ?, ?)", copied
+            )
+            after = rows[-1][0]
+        self._db.execute("DROP TABLE contexts_schema_2")
+        self._db.execute(_CONTEXTS_BASE_INDEX)
+
+    def _build_atom_indexes(self) -> int:
+        # In the caller's transaction. Our own bytes, checked when they were
+        # put: a context that no longer decodes is left for fsck to name.
+        changed = 0
+        after = b""
+        while True:
+            rows = self._db.execute(
+                "SELECT id, data, atom_index FROM contexts WHERE id > ? ORDER BY id LIMIT ?", (after, _INDEX_PAGE)
+            ).fetchall()
+            if not rows:
+                return changed
+            updates = []
+            for cid, data, old in rows:
+                try:
+                    index = atomindex.build(decode_context(data, verify=False))
+                except DecodeError:
+                    continue
+                if index != old:
+                    updates.append((index, cid))
+            self._db.executemany("UPDATE contexts SET atom_index = ? WHERE id = ?", updates)
+            changed += len(updates)
+            after = rows[-1][0]
+
     def text_index_state(self) -> str:
         """fulltext.CURRENT, MISSING or STALE."""
         with self._lock:
@@ -709,13 +843,13 @@ class SQLiteContextStore:
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT c.id, c.base, c.depth, c.data, b.depth FROM contexts c"
+                    "SELECT c.id, c.base, c.depth, c.data, b.depth, c.atom_index FROM contexts c"
                     " LEFT JOIN contexts b ON b.id = c.base WHERE c.id > ? ORDER BY c.id LIMIT 512",
                     (after,),
                 ).fetchall()
             if not rows:
                 break
-            for raw_id, base, depth, data, base_depth in rows:
+            for raw_id, base, depth, data, base_depth, index in rows:
                 cid = raw_id.hex()
                 if len(raw_id) != 32 or bytes_id(data) != cid:
                     yield f"{cid}: stored bytes do not hash to the id"
@@ -731,6 +865,8 @@ class SQLiteContextStore:
                     yield f"{cid}: base {base.hex()} is missing"
                 elif depth != (0 if base is None else base_depth + 1):
                     yield f"{cid}: depth {depth} is wrong"
+                elif index != atomindex.build(ctx):
+                    yield f"{cid}: {_BAD_ATOM_INDEX}"
                 elif index_current and (problem := fulltext.fsck_context(self._read, cid, ctx)):
                     yield problem  # the derived index misses atoms of a sound context
             after = rows[-1][0]

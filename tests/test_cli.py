@@ -1180,3 +1180,21 @@ def test_script_home_that_is_a_file_fails_with_one_line(tmp_path):
     assert result.returncode == 1
     assert_one_line_error(result.stderr.decode(), str(not_a_dir))
     assert not_a_dir.read_text() == "I am not a directory\n"
+
+
+def test_fsck_names_a_wrong_atom_index_and_repair_rebuilds_it(rich, run):
+    db = sqlite3.connect(rich / "store.db")
+    try:
+        db.execute("UPDATE contexts SET atom_index = NULL WHERE id = ?", (bytes.fromhex(CHILD.id),))
+        db.commit()
+    finally:
+        db.close()
+    named = run(rich, "fsck")
+    assert named.code == 1
+    assert [line.split(":")[0] for line in named.lines] == [CHILD.id]
+    assert "atom index" in named.out and "--repair" in named.out
+    repaired = run(rich, "fsck", "--repair")
+    assert repaired.code == 0, repaired.err
+    assert "fsck: rebuilt the atom index of 1 context(s)" in repaired.lines
+    assert "all sound" in repaired.lines[-1]
+    assert run(rich, "fsck").code == 0

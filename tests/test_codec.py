@@ -638,3 +638,38 @@ def test_vector_matches_the_documented_layout():
         {"author": "lead", "n": 1},
     ]
     assert msgpack.packb(documented, use_bin_type=True).hex() == VECTOR_DELTA_HEX
+
+
+
+@PROPERTY
+@given(content=st.text(max_size=300), sig=types)
+def test_atom_id_is_the_hash_of_its_canonical_triple(content, sig):
+    """atom_id hashes pieces encoded separately (each type once): the same
+    bytes as msgpack(["atom", content, type]) encoded in one go."""
+    from sync.codec import _type_raw
+
+    expected = hashlib.sha256(msgpack.packb(["atom", content, _type_raw(sig)], use_bin_type=True)).hexdigest()
+    assert atom_id(atom(content, type_sig=sig)) == expected
+
+
+@PROPERTY
+@given(ctx=st.builds(lambda n: root(*(atom(f"atom {i}", i / 10) for i in range(n))), st.integers(0, 12)),
+       positions=st.lists(st.integers(0, 11), max_size=6))
+def test_raw_atoms_at_decodes_just_the_atoms_asked_for(ctx, positions):
+    from sync.codec import raw_atoms_at
+
+    data = encode_context(ctx)
+    everything = msgpack.unpackb(data, use_list=False)[2]
+    if all(p < len(everything) for p in positions):
+        assert raw_atoms_at(data, positions) == {p: everything[p] for p in positions}
+    else:
+        with pytest.raises(DecodeError):
+            raw_atoms_at(data, positions)
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1", msgpack.packb([1, None]), msgpack.packb([1, None, ["abcdefghij"], [], [], {}])[:10]])
+def test_raw_atoms_at_refuses_what_is_not_a_context(data):
+    from sync.codec import raw_atoms_at
+
+    with pytest.raises(DecodeError):
+        raw_atoms_at(data, [0])

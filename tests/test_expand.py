@@ -620,3 +620,166 @@ def test_stream_chunk_to_dict(store):
     assert d["is_final"] is True
     assert d["progress"] == 1.0
     assert d["cumulative_tokens"] == 2
+
+
+# --- the atom-index paths: merged, one at a time, cold stream -----------------------
+
+
+def naive_expand(lineage):
+    """The semantics spelled out (module docstring), for a lineage root first."""
+    live = {}
+    for level, ctx in enumerate(lineage):
+        for h in ctx.removed_hashes:
+            live.pop(h, None)
+        for i, a in enumerate(ctx.delta_atoms):
+            live[a.content_hash] = ((-a.relevance_score, level, i), a)
+    atoms = [a for _key, a in sorted(live.values(), key=lambda e: e[0])]
+    return atoms, Counter(str(a.type_sig) for a in atoms), sum(a.tokens for a in atoms)
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+@pytest.mark.parametrize("one_at_a_time", [0, 10**9])
+@PROPERTY
+@given(chain=chains(min_size=1, max_size=7), order=st.lists(st.integers(0, 6), min_size=1, max_size=6))
+def test_both_ways_of_applying_deltas_match_the_semantics(tmp_path_factory, kind, one_at_a_time, chain, order):
+    """INCREMENTAL_ORDER_ATOMS picks between merging deltas into the order one
+    atom at a time and one merge of all of them; both must give the result
+    the semantics define, cold and memoised."""
+    s = make_store(kind, tmp_path_factory.mktemp("s"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sync.expand.INCREMENTAL_ORDER_ATOMS", one_at_a_time)
+        try:
+            s.put_many(chain)
+            shared = ExpanderFunctor(s, cache_entries=2)
+            for i in order:
+                n = i % len(chain) + 1
+                atoms, types, tokens = naive_expand(chain[:n])
+                for e in (ExpanderFunctor(s).expand(chain[n - 1].id), shared.expand(chain[n - 1].id)):
+                    assert list(e.atoms) == atoms
+                    assert e.type_summary == {t: c for t, c in types.items() if c}
+                    assert e.total_tokens_estimate == tokens
+                    assert e.expansion_path == tuple(c.id for c in chain[:n])
+                    assert e.molecules == tuple(m for c in chain[:n] for m in c.delta_molecules)
+        finally:
+            s.close()
+
+
+def test_atoms_built_from_the_store_are_whole_atoms(store):
+    r = root(atom("alpha beta gamma", 0.4, T_LIST(T_STRING)), atom("x", 0.9, T_INT, source="elsewhere"))
+    d = delta(r, atom("later words here", 0.6), removed={atom("x", type_sig=T_INT).content_hash})
+    store.put_many([r, d])
+    cold = list(stream_expansion(store, d.id, chunk_size=1))
+    for got in [*expand(store, d.id).atoms, *(a for c in cold for a in c.atoms)]:
+        fresh = type(got)(got.content, got.type_sig, got.timestamp, got.source_hash, got.relevance_score)
+        assert got == fresh and hash(got) == hash(fresh)
+        assert (got.content_hash, got.tokens, str(got.type_sig)) == (fresh.content_hash, fresh.tokens, str(fresh.type_sig))
+        assert got.timestamp.tzinfo is not None
+
+
+def test_a_big_delta_over_a_remembered_expansion_is_merged_once(store):
+    chain = stored(store, linear_chain(20))
+    shared = ExpanderFunctor(store)
+    shared.expand(chain[-1].id)
+    big = delta(chain[-1], *(atom(f"new {i}", i / 200) for i in range(200)),
+                removed={atom(f"fact {i}").content_hash for i in range(0, 20, 2)})
+    store.put(big)
+    assert shared.expand(big.id) == ExpanderFunctor(store).expand(big.id)
+    atoms, _types, _tokens = naive_expand([*chain, big])
+    assert list(shared.expand(big.id).atoms) == atoms
+
+
+def test_a_row_without_a_usable_atom_index_still_expands(tmp_path):
+    """fsck names such a row and --repair rewrites it; until then the bytes answer."""
+    from sync.store import SQLiteContextStore
+
+    chain = linear_chain(6)
+    s = SQLiteContextStore(tmp_path / "s.db")
+    try:
+        s.put_many(chain)
+        want = ExpanderFunctor(s).expand(chain[-1].id)
+        want_stream = full_stream(s, chain[-1].id, chunk_size=2)
+        s._db.execute("UPDATE contexts SET atom_index = NULL WHERE id = ?", (bytes.fromhex(chain[2].id),))
+        s._db.execute("UPDATE contexts SET atom_index = x'00' WHERE id = ?", (bytes.fromhex(chain[4].id),))
+        assert ExpanderFunctor(s).expand(chain[-1].id) == want
+        assert full_stream(s, chain[-1].id, chunk_size=2) == want_stream
+        assert len(list(s.fsck())) == 2
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+@pytest.mark.parametrize("prefix_bits", [64, 2])
+@PROPERTY
+@given(chain=chains(min_size=1, max_size=7), threshold=st.sampled_from([0.0, 0.5]), chunk_size=st.integers(1, 4))
+def test_cold_stream_finds_dead_atoms_by_prefix_and_by_full_id(tmp_path_factory, kind, prefix_bits, chain, threshold, chunk_size):
+    """The cold scan matches ids on their first 8 bytes and checks the full
+    id; with 2-bit "prefixes" nearly every atom collides, which must send
+    it to full ids and still give the expansion's atoms."""
+    from sync import livescan
+
+    real = livescan._prefixes
+    s = make_store(kind, tmp_path_factory.mktemp("s"))
+    with pytest.MonkeyPatch.context() as patch:
+        if prefix_bits < 64:
+            patch.setattr(livescan, "_prefixes", lambda ids: [p % (1 << prefix_bits) for p in real(ids)])
+        try:
+            s.put_many(chain)
+            atoms, _types, _tokens = naive_expand(chain)
+            want = [a for a in atoms if a.relevance_score >= threshold]
+            chunks = full_stream(s, chain[-1].id, relevance_threshold=threshold, chunk_size=chunk_size, max_tokens_per_chunk=10**6)
+            assert [a for c in chunks for a in c.atoms] == want
+            check_chunks(chunks, chunk_size, 10**6)
+        finally:
+            s.close()
+
+
+def test_bytes_altered_on_disk_are_a_decode_error_not_a_crash(tmp_path):
+    import msgpack
+
+    from sync.codec import DecodeError, encode_context
+    from sync.store import CorruptObject, SQLiteContextStore
+
+    chain = linear_chain(3)
+    s = SQLiteContextStore(tmp_path / "s.db")
+    try:
+        s.put_many(chain)
+        raw = list(msgpack.unpackb(encode_context(chain[1]), use_list=False))
+        raw[2] = [list(raw[2][0])[:4]]  # an atom of four fields, where the index expects five
+        s._db.execute("UPDATE contexts SET data = ? WHERE id = ?",
+                      (msgpack.packb(raw, use_bin_type=True), bytes.fromhex(chain[1].id)))
+        # The read's hash check sees it first (CorruptObject names the
+        # object); either way it is an error, never a crash.
+        with pytest.raises((DecodeError, CorruptObject)):
+            ExpanderFunctor(s).expand(chain[-1].id)
+        with pytest.raises((DecodeError, CorruptObject)):
+            full_stream(s, chain[-1].id, chunk_size=1)
+        assert any(chain[1].id in problem for problem in s.fsck())
+    finally:
+        s.close()
+
+
+def test_children_of_remembered_expansions_share_and_flatten_their_live_maps(store):
+    """Each expansion below derives from the one before (a layer over its
+    live map); removals and re-adds reach down through the layers, and past
+    _MAX_LIVE_LAYERS the map is flattened. Every result must equal a fresh
+    expansion and the semantics."""
+    from sync.expand import _MAX_LIVE_LAYERS
+
+    chain = [root(*(atom(f"base {i}", i / 10) for i in range(10)))]
+    for n in range(3 * _MAX_LIVE_LAYERS):
+        chain.append(delta(
+            chain[-1],
+            atom(f"new {n}", (n % 7) / 7),
+            atom(f"base {n % 10}", 0.95 - n / 100),  # a re-add of an atom further down
+            removed={atom(f"new {n - 3}", ((n - 3) % 7) / 7).content_hash, atom(f"base {(n + 5) % 10}").content_hash},
+        ))
+    store.put_many(chain)
+    shared = ExpanderFunctor(store, cache_entries=2)
+    for n in range(1, len(chain) + 1):
+        got = shared.expand(chain[n - 1].id)
+        assert got == ExpanderFunctor(store).expand(chain[n - 1].id)
+        atoms, _types, tokens = naive_expand(chain[:n])
+        assert list(got.atoms) == atoms and got.total_tokens_estimate == tokens
+    # and a stranger branching off a middle one
+    branch = delta(chain[5], atom("branch", 0.5), removed={atom("base 3").content_hash})
+    assert shared.expand(branch) == ExpanderFunctor(store).expand(branch)

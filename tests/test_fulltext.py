@@ -200,7 +200,7 @@ def test_contexts_written_without_the_index_make_it_stale(db_path):
     later = delta(FACTS, atom("written by an old binary"))
     with sqlite3.connect(db_path) as db:
         db.execute(
-            "INSERT INTO contexts VALUES (?, ?, 1, ?)",
+            "INSERT INTO contexts (id, base, depth, data) VALUES (?, ?, 1, ?)",
             (bytes.fromhex(later.id), bytes.fromhex(FACTS.id), encode_context(later)),
         )
     store = SQLiteContextStore(db_path)

@@ -269,13 +269,13 @@ def test_a_schema_1_store_opens_upgraded_and_keeps_everything(tmp_path, ctxs):
     _make_v1_store(path, ctxs)
     s = SQLiteContextStore(path)
     try:
-        assert s._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+        assert s._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
         assert s.get_lineage(ctxs[2].id) == [c.id for c in ctxs] and len(s) == 3
         assert list(s.fsck()) == []
         [uid] = s.put_ref_updates([update(ctxs[2])])
     finally:
         s.close()
-    s = SQLiteContextStore(path)  # and opens again as a schema-2 store
+    s = SQLiteContextStore(path)  # and opens again as a current store
     try:
         assert s.ref_value("main").update_id == uid and s.holds(uid) and list(s.fsck()) == []
     finally:
@@ -283,10 +283,10 @@ def test_a_schema_1_store_opens_upgraded_and_keeps_everything(tmp_path, ctxs):
 
 
 def test_a_store_of_a_later_schema_is_refused_unchanged(tmp_path, ctxs):
-    path = tmp_path / "v3.db"
+    path = tmp_path / "v4.db"
     _make_v1_store(path, ctxs)
-    _sql(path, "UPDATE meta SET value = '3' WHERE key = 'schema'")
-    with pytest.raises(StoreError, match="schema 3 is not supported"):
+    _sql(path, "UPDATE meta SET value = '4' WHERE key = 'schema'")
+    with pytest.raises(StoreError, match="schema 4 is not supported"):
         SQLiteContextStore(path)
     tables = sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
     assert ("ref_updates",) not in tables  # the refused open changed nothing

@@ -4,11 +4,16 @@ SQLite's persistence and fsck."""
 from __future__ import annotations
 
 import sqlite3
+from datetime import datetime, timezone
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from helpers import atom, delta, linear_chain, molecule, root
+from sync import atomindex, fulltext, refs, refstore
 from sync.codec import encode_context
+from sync.expand import ExpanderFunctor, stream_expansion
+from sync.model import T_INT
 from sync.store import InMemoryContextStore, MissingBase, NotFound, SQLiteContextStore
 
 UNKNOWN = "ab" * 32
@@ -356,6 +361,7 @@ def test_reads_never_hand_on_bytes_that_do_not_match_their_id(tmp_path, family, 
             "get_bytes": lambda: s.get_bytes(a.id),
             "walk_back": lambda: list(s.walk_back(b.id)),
             "walk_back_bytes": lambda: list(s.walk_back_bytes(b.id)),
+            "walk_back_indexed": lambda: list(s.walk_back_indexed(b.id)),
             "get_many_bytes": lambda: s.get_many_bytes([r.id, a.id]),
         }
         for name, read in reads.items():
@@ -369,3 +375,151 @@ def test_reads_never_hand_on_bytes_that_do_not_match_their_id(tmp_path, family, 
         assert s.get_many_bytes([b.id]) == [encode_context(b)]
     finally:
         s.close()
+
+
+# --- the atom index (a derived column) ------------------------------------------
+
+
+def test_each_context_has_its_atom_index(store):
+    r = root(atom("a", 0.2), atom("b", 0.9), atom("a", 0.7), atom("c", 0.7, T_INT))
+    d = delta(r, atom("d"), removed={atom("b").content_hash, UNKNOWN})
+    store.put_many([r, d])
+    walked = list(store.walk_back_indexed(d.id))
+    assert [(cid, data) for cid, data, _ in walked] == [(x.id, encode_context(x)) for x in (d, r)]
+    index = atomindex.parse(walked[1][2])
+    # the last "a" wins; most relevant first, ties in delta order
+    assert list(index.positions) == [1, 2, 3]
+    assert list(index.relevances) == [0.9, 0.7, 0.7]
+    assert index.id_list() == [bytes.fromhex(r.delta_atoms[p].content_hash) for p in (1, 2, 3)]
+    assert list(index.tokens) == [r.delta_atoms[p].tokens for p in (1, 2, 3)]
+    assert index.removed_list() == []
+    assert atomindex.parse(walked[0][2]).removed_list() == sorted(bytes.fromhex(h) for h in d.removed_hashes)
+    for cid, _data, blob in walked:
+        assert blob == atomindex.build(store.get(cid))
+    assert list(store.walk_back_indexed(d.id, with_bytes=False)) == [(cid, None, blob) for cid, _data, blob in walked]
+    with pytest.raises(NotFound):
+        list(store.walk_back_indexed(UNKNOWN))
+
+
+def test_atom_index_refuses_what_is_not_one():
+    good = atomindex.build(root(atom("x")))
+    for bad in (b"", b"\x02" + good[1:], good + b"\x00", good[:-1]):
+        with pytest.raises(atomindex.AtomIndexError):
+            atomindex.parse(bad)
+
+
+def _set_index(path, context_id: str, value) -> None:
+    db = sqlite3.connect(path)
+    try:
+        with db:
+            db.execute("UPDATE contexts SET atom_index = ? WHERE id = ?", (value, bytes.fromhex(context_id)))
+    finally:
+        db.close()
+
+
+def test_fsck_names_a_wrong_or_missing_atom_index_and_repair_rebuilds_it(tmp_path, family):
+    r, a, b, c = family
+    path = tmp_path / "s.db"
+    s = SQLiteContextStore(path)
+    try:
+        s.put_many([r, a, b, c])
+        _set_index(path, a.id, atomindex.build(b))  # a valid index, of another context
+        _set_index(path, c.id, None)
+        problems = list(s.fsck())
+        assert sorted(p.split(":")[0] for p in problems) == sorted([a.id, c.id])
+        assert all("atom index" in p for p in problems)
+        assert s.rebuild_atom_indexes() == 2
+        assert list(s.fsck()) == []
+        assert [blob for _, _, blob in s.walk_back_indexed(a.id)] == [atomindex.build(a), atomindex.build(r)]
+        assert s.rebuild_atom_indexes() == 0
+    finally:
+        s.close()
+
+
+# The schema text of schema-2 stores, exactly as that code created them
+# (the ref_updates table is refstore.REF_SCHEMA, unchanged since).
+SCHEMA_2 = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS contexts (
+    id    BLOB PRIMARY KEY,          -- SHA-256 of data
+    base  BLOB,                      -- parent id, NULL for a root
+    depth INTEGER NOT NULL,          -- 0 for a root, base's depth + 1 otherwise
+    data  BLOB NOT NULL              -- canonical encoding (sync.codec)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS contexts_base ON contexts(base);
+""" + refstore.REF_SCHEMA
+
+
+def _make_v2_store(path, contexts, updates=()):
+    """A store as schema-2 code wrote it: rows of (id, base, depth, data),
+    ref updates, and the full-text index a new store got."""
+    db = sqlite3.connect(path)
+    try:
+        db.executescript(SCHEMA_2)
+        with db:
+            db.execute("INSERT INTO meta VALUES ('schema', '2')")
+            depths: dict[str, int] = {}
+            for ctx in contexts:  # bases first
+                depth = 0 if ctx.base_hash is None else depths[ctx.base_hash] + 1
+                depths[ctx.id] = depth
+                base = None if ctx.base_hash is None else bytes.fromhex(ctx.base_hash)
+                db.execute("INSERT INTO contexts VALUES (?, ?, ?, ?)", (bytes.fromhex(ctx.id), base, depth, encode_context(ctx)))
+            refstore.sqlite_insert(db, [(refs.update_id(u), u, refs.encode_update(u)) for u in updates])
+            fulltext.rebuild(db)
+    finally:
+        db.close()
+
+
+def test_a_schema_2_store_opens_upgraded_and_expands_as_before(tmp_path, family):
+    r, a, b, c = family
+    chain = linear_chain(40)
+    twist = delta(chain[-1], atom("fact 3", 0.99), removed={atom("fact 7", 0.5).content_hash})
+    contexts = [r, a, b, c, *chain, twist]
+    key = Ed25519PrivateKey.from_private_bytes(bytes([7]) * 32)
+    ref = refs.make_update(name="main", target=twist.id, supersedes=(), key=key,
+                           time=datetime(2026, 11, 24, tzinfo=timezone.utc))
+    path = tmp_path / "v2.db"
+    _make_v2_store(path, contexts, [ref])
+    reference = InMemoryContextStore()
+    reference.put_many(contexts)
+    s = SQLiteContextStore(path)
+    try:
+        assert s._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+        assert s._db.execute("SELECT count(*) FROM contexts WHERE atom_index IS NULL").fetchone() == (0,)
+        assert list(s.fsck()) == []
+        assert s.ref_value("main").target == twist.id
+        for ctx in contexts:
+            assert ExpanderFunctor(s).expand(ctx.id) == ExpanderFunctor(reference).expand(ctx.id)
+            assert list(stream_expansion(s, ctx.id, chunk_size=3)) == list(stream_expansion(reference, ctx.id, chunk_size=3))
+        assert s.text_ranks("fact") is not None
+    finally:
+        s.close()
+    s = SQLiteContextStore(path)  # and opens again, as a current store, unchanged
+    try:
+        assert list(s.fsck()) == [] and len(s) == len(contexts) + 1
+        after = delta(twist, atom("after the upgrade"))
+        s.put(after)
+        assert ExpanderFunctor(s).expand(after.id).atoms[0].content == "after the upgrade"
+    finally:
+        s.close()
+
+
+def test_schema_3_keeps_contexts_in_a_rowid_table_index_before_bytes(tmp_path, family):
+    """Rows of up to 12 MB in a WITHOUT ROWID table made every lineage step
+    walk a b-tree of whole rows; reading the atom index after the bytes
+    walked their overflow pages. A new store and an upgraded one alike."""
+    path = tmp_path / "v2.db"
+    _make_v2_store(path, list(family))
+    for p in (tmp_path / "new.db", path):
+        s = SQLiteContextStore(p)
+        try:
+            s.put_many(list(family))
+            sql = s._db.execute("SELECT sql FROM sqlite_master WHERE name = 'contexts'").fetchone()[0]
+            assert "WITHOUT ROWID" not in sql
+            columns = [row[1] for row in s._db.execute("PRAGMA table_info(contexts)")]
+            assert columns == ["id", "base", "depth", "atom_index", "data"]
+            assert s._db.execute("SELECT name FROM sqlite_master WHERE name = 'contexts_base'").fetchone()
+            assert not s._db.execute("SELECT name FROM sqlite_master WHERE name LIKE 'contexts_schema_%'").fetchone()
+            assert list(s.fsck()) == []
+        finally:
+            s.close()
