@@ -519,9 +519,9 @@ class Probe:
                     probe.store_calls.append((getattr(fn, "__name__", "?"), items, t, time.perf_counter()))
             return await trio.to_thread.run_sync(timed, limiter=node._store_limiter)
 
-        async def reconciled(session, reconciler):
+        def reconciled(session, reconciler):
             probe.reconciled.append(time.perf_counter())
-            return await original_reconciled(session, reconciler)
+            return original_reconciled(session, reconciler)
 
         def store_init(store_self, *args, **kwargs):
             original_store_init(store_self, *args, **kwargs)
