@@ -609,13 +609,16 @@ class _Session(_Endpoint):
                     await self.release(stream_id, size)
                 await push.wait()
             # The client gave up: nothing of it is stored. What arrived
-            # and waits is credited back; what is still coming is dropped.
+            # and waits is credited back; what is still coming is dropped
+            # (by _dispatch until the stream is closed, then by the
+            # connection), with no wait in between to let frames slip by.
+            request.push = None
             push.spool.close()
             rest = push.take()[1]
-            if rest:
-                await self.release(stream_id, rest)
             self.conn.close_stream(stream_id)
             self._requests.pop(stream_id, None)
+            if rest:
+                await self.release(stream_id, rest)
         except (PushRefused, OSError) as exc:
             push.spool.close()
             request.push = None
