@@ -10,7 +10,7 @@ import socket
 import pytest
 import trio
 
-from daemon import neterrors, node as node_module
+from daemon import neterrors, peers as peers_module
 from daemon.config import format_address
 from node_helpers import start_node
 
@@ -82,14 +82,14 @@ def test_listen_failures_say_where_and_what_to_do():
 
 async def test_a_static_peer_that_never_answers_is_logged_once_then_rate_limited(tmp_path, refused_address, caplog):
     key = format_address(*refused_address)
-    node_module._unreachable.forget(key)
-    caplog.set_level(logging.DEBUG, logger="daemon.node")
+    peers_module._unreachable.forget(key)
+    caplog.set_level(logging.DEBUG, logger="daemon.peers")
     async with trio.open_nursery() as nursery:
         node = await start_node(nursery, tmp_path, "a", peers=[refused_address])
 
         def attempts() -> list[logging.LogRecord]:
             return [r for r in caplog.records
-                    if r.name == "daemon.node" and r.levelno == logging.DEBUG and key in r.getMessage()]
+                    if r.name == "daemon.peers" and r.levelno == logging.DEBUG and key in r.getMessage()]
 
         with trio.fail_after(BOUND):
             while len(attempts()) < 4:  # several dials, each failed
@@ -97,22 +97,22 @@ async def test_a_static_peer_that_never_answers_is_logged_once_then_rate_limited
         [row] = node.status()["peers"]
         assert row["error"] == "cannot connect: connection refused"
         nursery.cancel_scope.cancel()
-    warnings = [r.getMessage() for r in caplog.records if r.name == "daemon.node" and r.levelno == logging.WARNING]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "daemon.peers" and r.levelno == logging.WARNING]
     assert warnings == [f"peer {key} (static): cannot connect: connection refused; still trying (1 failed attempt so far)"]
 
 
 async def test_a_peer_back_after_an_outage_is_reported_at_once_when_it_goes_again(tmp_path, caplog):
     """Connecting resets the rate limit: the next outage is news, not a repeat."""
-    caplog.set_level(logging.WARNING, logger="daemon.node")
+    caplog.set_level(logging.WARNING, logger="daemon.peers")
     async with trio.open_nursery() as nursery:
         a = await start_node(nursery, tmp_path, "a")
         key = format_address(*a.listen_address)
-        node_module._unreachable.warning(key, "an earlier outage of %s", key)  # logged; the next would wait
+        peers_module._unreachable.warning(key, "an earlier outage of %s", key)  # logged; the next would wait
         b = await start_node(nursery, tmp_path, "b", peers=[a.listen_address])
         with trio.fail_after(BOUND):
             while a.node_id not in b.sessions:
                 await trio.sleep(0.01)
-        node_module._unreachable.warning(key, "a new outage of %s", key)
+        peers_module._unreachable.warning(key, "a new outage of %s", key)
         nursery.cancel_scope.cancel()
     assert [r.getMessage() for r in caplog.records if "outage" in r.getMessage()] == [
         f"an earlier outage of {key}", f"a new outage of {key}"]

@@ -151,7 +151,7 @@ async def test_members_over_the_inbound_limit_are_told_and_closed(tmp_path):
 
 async def test_status_forgets_old_inbound_peers(tmp_path):
     """100 one-off connections once left 100 status rows, never pruned."""
-    from daemon.node import MAX_DISCONNECTED_INBOUND
+    from daemon.peers import MAX_DISCONNECTED_INBOUND
 
     async with trio.open_nursery() as nursery:
         a = await start_node(nursery, tmp_path, "a")

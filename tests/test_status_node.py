@@ -12,7 +12,7 @@ import datetime as dt
 import pytest
 import trio
 
-from daemon import node as node_module
+from daemon import peers as peers_module
 from daemon import security, tls
 from daemon.localapi import LocalApiError, LocalClient
 from daemon.node import PeerInfo
@@ -147,7 +147,7 @@ async def test_a_context_stored_but_not_yet_in_the_root_is_not_in_sync(tmp_path)
 
 
 async def test_peers_absent_for_longer_than_the_bound_leave_the_table(tmp_path):
-    bound = node_module.FORGET_ABSENT_PEERS_SECONDS
+    bound = peers_module.FORGET_ABSENT_PEERS_SECONDS
     async with trio.open_nursery() as nursery:
         a = await start_node(nursery, tmp_path, "a", peers=[dead_address()])
         b = await start_node(nursery, tmp_path, "b", peers=[a.listen_address])
@@ -180,13 +180,13 @@ async def test_a_peer_is_absent_since_its_latest_session_whichever_row_held_it(t
         a = await start_node(nursery, tmp_path, "a")
         b_paths, b_id = make_home(tmp_path, "b")
         old = PeerInfo(address="127.0.0.1:9", source="mdns", node_id=b_id, state="disconnected")
-        old.absent_since -= node_module.FORGET_ABSENT_PEERS_SECONDS + 1
+        old.absent_since -= peers_module.FORGET_ABSENT_PEERS_SECONDS + 1
         a.peers["127.0.0.1:9"] = old
         fresh = PeerInfo(address="127.0.0.1:50000", source="inbound", node_id=b_id, state="disconnected")
         a.peers[f"inbound:{b_id}"] = fresh
         assert len(a.status()["peers"]) == 1
         assert len(a.peers) == 2
-        fresh.absent_since -= node_module.FORGET_ABSENT_PEERS_SECONDS + 1
+        fresh.absent_since -= peers_module.FORGET_ABSENT_PEERS_SECONDS + 1
         assert a.status()["peers"] == [] and a.peers == {}
         nursery.cancel_scope.cancel()
 
