@@ -10,6 +10,7 @@ alike, so the root commits to both and a ref update syncs like a context.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import heapq
 import logging
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from daemon import neterrors
 from daemon.config import NodeConfig, format_address, listen_scope
+from daemon.fetches import Fetches
 from daemon.logs import RateLimitedLog
 from daemon.paths import HomePaths
 from daemon.peers import PeerInfo, PeerTable
@@ -54,6 +56,14 @@ MAX_HANDSHAKES_PER_HOST = 16
 # How long stored ids may wait for running reconciliations before entering
 # the in-memory set (and the root) anyway.
 MAX_INDEX_DELAY = 2.0
+# How long a session that would reconcile waits for the node's other
+# sessions to finish theirs and to bring what they asked for (see
+# `sync_turn`). A write reaches a node from several neighbours at once;
+# after the first has brought it, the roots match and the others need no
+# reconciliation at all. Past this wait they go ahead anyway (a long bulk
+# fetch must not hold up the rest): claims still keep objects from coming
+# twice, only reconciliation bytes are spent.
+SYNC_TURN_WAIT = 2.0
 
 
 def _check_written(store, contexts: list[CompressedContext]) -> None:
@@ -102,6 +112,10 @@ class Node(PeerTable):
         # Why the store cannot be written now (status shows it), else None.
         self.store_error: str | None = None
         self._store_retry_at = 0.0
+        # Which session brings which missing object (protocol version 2).
+        self.fetches = Fetches()
+        self._initiating = 0  # reconciliations our sessions started, running
+        self._turn_changed = trio.Event()
 
     # ------------------------------------------------------------ store access
 
@@ -157,7 +171,11 @@ class Node(PeerTable):
     def _stored(self, ids: list[str]) -> list[str]:
         """Committed ids enter the index (and the root changes once) now, or
         when the reconciliations in progress end."""
-        self._pending_ids.update(bytes.fromhex(i) for i in ids)
+        stored = [bytes.fromhex(i) for i in ids]
+        if self.fetches.owed():
+            self.fetches.arrived(stored)
+            self._poke_turn()
+        self._pending_ids.update(stored)
         stale = trio.current_time() - self._pending_since > MAX_INDEX_DELAY
         if not self._reconciling or stale:
             self._apply_pending()
@@ -328,6 +346,34 @@ class Node(PeerTable):
         # What peers could not give us meanwhile: ask them again now.
         for session in list(self.sessions.values()):
             session.resync()
+
+    @contextlib.asynccontextmanager
+    async def sync_turn(self):
+        """Start a reconciliation once no other session of ours is running
+        one or bringing what it asked for, or after SYNC_TURN_WAIT anyway;
+        the caller checks the roots again when its turn comes."""
+        with trio.move_on_after(SYNC_TURN_WAIT):
+            while self._initiating or self.fetches.owed():
+                await self._turn_changed.wait()
+        self._initiating += 1
+        try:
+            yield
+        finally:
+            self._initiating -= 1
+            self._poke_turn()
+
+    def _poke_turn(self) -> None:
+        self._turn_changed.set()
+        self._turn_changed = trio.Event()
+
+    def release_fetches(self, session, *, resync: bool) -> None:
+        """`session` will not bring what it claimed; with `resync`, the other
+        sessions reconcile again and claim what is still missing."""
+        owed = self.fetches.release(session)
+        self._poke_turn()
+        if owed and resync:
+            for other in list(self.sessions.values()):
+                other.resync()
 
     def holds(self, context_id: bytes) -> bool:
         """Stored here (in the index, or committed and waiting to enter it)."""

@@ -6,9 +6,12 @@ Tasks of a session, all in its own nursery:
   storer     verifies and commits received objects, then grants credit and ACKs
   syncer     initiates a reconciliation whenever the roots differ (on a ROOT
              announce, after a local change, and every anti-entropy period)
-  pusher     sends what reconciliation found the peer lacks, parents first
-             and ref updates after the contexts they target, never more
-             than the peer's credit allows
+  pusher     sends what the peer lacks, parents first and ref updates
+             after the contexts they target, never more than the peer's
+             credit allows: what reconciliation found it lacks (protocol
+             version 1), or what it asked for with WANT (version 2)
+  fetcher    (version 2) asks the peer for what reconciliation found we
+             lack and no other session is bringing (daemon/fetches.py)
   keepalive  PINGs an idle link, announces our root when it changes, drops
              a peer that has been silent too long
   writer     the only task that writes to the socket: control frames first
@@ -37,7 +40,9 @@ from sync import reconcile
 from sync.connection import NEED_DATA, Connection, ConnectionClosed, Received
 from sync.errors import ErrorCode, RemoteProtocolError
 from sync.messages import (
+    MAX_IDS_PER_MESSAGE,
     MAX_OBJECTS_PER_MESSAGE,
+    PULL_VERSION,
     Ack,
     Credit,
     Error,
@@ -49,6 +54,7 @@ from sync.messages import (
     Pong,
     Reconcile,
     Root,
+    Want,
     encode_payload,
 )
 from sync.store import MissingBase, StoreError, StoreUnavailable
@@ -72,6 +78,10 @@ MAX_CONTROL_BACKLOG = 4 * 1024 * 1024
 RECONCILE_STEP_TIMEOUT = 30.0
 # How long GOODBYE may take on the way out.
 CLOSE_DEADLINE = 1.0
+# WANT bytes queued for the writer at once: a request of a million ids is
+# 32 MB of WANTs, handed to the writer as it drains (8 messages at a time)
+# rather than all at once past MAX_CONTROL_BACKLOG.
+WANT_BACKLOG = 1024 * 1024
 
 
 def _first_cause(group: BaseExceptionGroup) -> BaseException:
@@ -195,6 +205,14 @@ class PeerSession:
         # pusher itself waits for). Bounded by the ids we hold.
         self._to_push: set[bytes] = set()
         self._push_wake = trio.Event()
+        # Protocol version 2 (objects on request), known once HELLOs are in.
+        self.pull = False
+        # Ids we claimed (node.fetches) and have yet to ask the peer for.
+        self._wants: collections.deque[bytes] = collections.deque()
+        self._wants_wake = trio.Event()
+        # The peer's request so far (its WANTs with `more`); ids we hold only,
+        # so bounded by our store.
+        self._requested: set[bytes] = set()
         self._unwatch = None
         self._registered = False
         self._scope = trio.CancelScope()
@@ -248,6 +266,7 @@ class PeerSession:
         if self.peer_id == self.node.node_id:
             raise PeerGone("this is our own address")
         self.info.node_id = self.peer_id
+        self.pull = self.conn.version >= PULL_VERSION
         self._register()
         self.info.state = "connected"
         self.info.error = None
@@ -267,6 +286,8 @@ class PeerSession:
                 nursery.start_soon(self._syncer)
                 nursery.start_soon(self._pusher)
                 nursery.start_soon(self._keepalive)
+                if self.pull:
+                    nursery.start_soon(self._fetcher)
         except BaseExceptionGroup as group:
             # One task's failure ends the session; report that one reason.
             raise _first_cause(group) from None
@@ -302,6 +323,7 @@ class PeerSession:
     def detach(self) -> None:
         for stream_id in list(self._responders):
             self._end_responder(stream_id)
+        self.node.release_fetches(self, resync=True)
         if self._unwatch is not None:
             # The closure holds our bound method: keeping it would be a cycle.
             unwatch, self._unwatch = self._unwatch, None
@@ -464,6 +486,8 @@ class PeerSession:
                     del self._pushing[stream_id]
         elif isinstance(message, Credit):
             self._credit.set()
+        elif isinstance(message, Want) and self.pull:
+            self._on_want(message)
         elif isinstance(message, Error):
             if stream_id == 0:
                 raise PeerGone(f"peer reported: {message.message}")
@@ -539,12 +563,46 @@ class PeerSession:
         if reconciler.peer_root is not None and not reconciler.to_request and not reconciler.to_send:
             self.info.root = reconciler.peer_root
             self._note_sync()
-        # The peer's own reconciler found what we lack; it pushes that.
-        fresh = reconciler.to_send - self._unacked
+        if self.pull:
+            # What we lack, we ask for: unless another session brings it.
+            missing = (i for i in reconciler.to_request if not self.node.holds(i))
+            claimed = self.node.fetches.claim(self, missing, trio.current_time())
+            if claimed:
+                self._wants.extend(claimed)
+                self._wants_wake.set()
+        else:
+            # The peer's own reconciler found what we lack; it pushes that.
+            self._send_soon(reconciler.to_send)
+
+    def _send_soon(self, ids: Iterable[bytes]) -> None:
+        """Hand ids to the pusher, but none already sent and not yet ACKed."""
+        fresh = set(ids) - self._unacked
         if fresh:
             self._unacked |= fresh
             self._to_push |= fresh
             self._push_wake.set()
+
+    def _on_want(self, message: Want) -> None:
+        # Ids we do not hold are left out: reconciliation said we did, so
+        # they are rare (the peer's claim on them runs out, see fetches).
+        self._requested.update(i for i in message.ids if self.node.holds(i))
+        if not message.more:
+            # The whole request at once, so that the pusher orders it
+            # parents first (a base in a later WANT would come too late).
+            requested, self._requested = self._requested, set()
+            self._send_soon(requested)
+
+    async def _fetcher(self) -> None:
+        """Ask the peer for what we claimed, as WANTs the writer can take."""
+        while True:
+            while not self._wants:
+                self._wants_wake = trio.Event()
+                await self._wants_wake.wait()
+            count = min(len(self._wants), MAX_IDS_PER_MESSAGE)
+            ids = tuple(self._wants.popleft() for _ in range(count))
+            await self.send(Want(ids=ids, more=bool(self._wants)))
+            while self._control_bytes > WANT_BACKLOG:
+                await self._writer_idle.wait()
 
     async def _syncer(self) -> None:
         while True:
@@ -554,7 +612,13 @@ class PeerSession:
             if self.info.root == self.node.root():
                 self._note_sync()
                 continue
-            await self._initiate()
+            async with self.node.sync_turn():
+                # What another session brought meanwhile may have made
+                # the roots equal: then there is nothing to reconcile.
+                if self.info.root == self.node.root():
+                    self._note_sync()
+                    continue
+                await self._initiate()
 
     async def _initiate(self) -> None:
         stream_id = self.conn.open_stream()
@@ -670,6 +734,11 @@ class PeerSession:
         try:
             ids = await self.node.add_encoded(list(message.objects))
         except (StoreError, DecodeError) as exc:
+            # What we asked this peer for may be asked again, of it or of
+            # another, at the next reconciliation: not at once, which for a
+            # missing base would ask for the same again until the base came.
+            # (A base that arrives changes our root: peers reconcile then.)
+            self.node.release_fetches(self, resync=False)
             await self._release(stream_id, size)
             if isinstance(exc, StoreUnavailable):
                 code = ErrorCode.UNAVAILABLE  # it resends once we reconcile again (Node._watch_store)
@@ -684,6 +753,7 @@ class PeerSession:
             await self.answer(Error(code=int(code), message=str(exc)[:1000]), stream_id)
             self.conn.close_stream(stream_id)
             return
+        self.node.fetches.progressed(self, trio.current_time())
         self.info.objects_received += fresh
         self._tally.received(fresh, sum(map(len, message.objects)), trio.current_time())
         await self._release(stream_id, size)

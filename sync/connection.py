@@ -387,9 +387,9 @@ class Connection:
         message = decode_payload(frame.type, frame.payload)
         if message.magic != MAGIC:
             raise RemoteProtocolError(ErrorCode.BAD_MAGIC, "wrong magic in HELLO")
-        common = set(PROTOCOL_VERSIONS) & set(message.versions)
+        common = set(self.our_hello.versions) & set(message.versions)
         if not common:
-            supported = ", ".join(map(str, PROTOCOL_VERSIONS))
+            supported = ", ".join(map(str, self.our_hello.versions))
             raise RemoteProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"no common protocol version; this node speaks {supported}")
         problem = _hello_problem(message)
         if problem is not None:

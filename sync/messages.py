@@ -28,7 +28,11 @@ from sync.model import MemoryAtom, MemoryMolecule, TypeSignature  # noqa: F401 (
 from sync.refs import MAX_REF_NAME_BYTES
 
 MAGIC = b"CTXF"
-PROTOCOL_VERSIONS = (1,)
+# 1: each side pushes what reconciliation found the other lacks.
+# 2: objects move on request: the side that lacks them sends WANT, so a
+#    node takes each object once however many neighbours hold it.
+PROTOCOL_VERSIONS = (1, 2)
+PULL_VERSION = 2
 
 # Ids per WANT/ACK/HAVE: 4096 × 32 bytes = 128 KiB, one frame's worth at
 # the default frame size; more ids simply take more messages.
@@ -266,10 +270,14 @@ class Reconcile:
 
 @_frozen
 class Want:
-    """Please send these objects (parents before children is the sender's job)."""
+    """Please send these objects (protocol version 2). A request of more ids
+    than one message holds is several WANTs, `more` on all but the last; the
+    sender pushes the whole request once its last WANT is in, parents
+    before children."""
 
     TYPE: ClassVar = MessageType.WANT
     ids: tuple[bytes, ...] = attrs.field(validator=_ids(MAX_IDS_PER_MESSAGE))
+    more: bool = False
 
 
 @_frozen
@@ -314,11 +322,13 @@ class PushContext:
     more: bool = False
 
 
-# A push of one context is sent as before `more` existed.
-codec.converter.register_unstructure_hook(
-    PushContext,
-    cattrs.gen.make_dict_unstructure_fn(PushContext, codec.converter, more=cattrs.gen.override(omit_if_default=True)),
-)
+# A push of one context (a request that fits one WANT) is sent as before
+# `more` existed.
+for _cls in (PushContext, Want):
+    codec.converter.register_unstructure_hook(
+        _cls,
+        cattrs.gen.make_dict_unstructure_fn(_cls, codec.converter, more=cattrs.gen.override(omit_if_default=True)),
+    )
 
 
 @_frozen

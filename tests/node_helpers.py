@@ -40,9 +40,9 @@ def fast_config(peers=(), **overrides) -> NodeConfig:
 
 
 async def start_node(nursery: trio.Nursery, root: Path, name: str, peers=(), cluster_key: Path | None = None,
-                     **overrides) -> Node:
+                     node_class: type[Node] = Node, **overrides) -> Node:
     paths, node_id = make_home(root, name, cluster_key)
-    node = Node(paths=paths, config=fast_config(peers, **overrides), node_id=node_id)
+    node = node_class(paths=paths, config=fast_config(peers, **overrides), node_id=node_id)
     await nursery.start(node.run)
     return node
 

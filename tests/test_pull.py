@@ -1,0 +1,106 @@
+"""Protocol version 2: objects move on request, each one once per node.
+
+Real nodes on loopback sockets (tests/node_helpers.py). What is counted is
+what holders sent a node (their ACKed ids), so a copy sent twice shows.
+"""
+
+from __future__ import annotations
+
+import attrs
+import trio
+
+from daemon.node import SYNC_TURN_WAIT, Node
+from daemon.peer import PeerSession
+from node_helpers import context, start_node, wait_converged
+
+COUNT = 120
+
+
+def _sent_to(holders: list[Node], node_id: str) -> int:
+    return sum(p["objects_sent"] for h in holders for p in h.status()["peers"] if p["node_id"] == node_id)
+
+
+async def _holders(nursery, tmp_path, names, count=COUNT) -> tuple[list[Node], list[str]]:
+    first = await start_node(nursery, tmp_path, names[0])
+    rest = [await start_node(nursery, tmp_path, name, peers=[first.listen_address]) for name in names[1:]]
+    ids = await first.add_contexts([context(f"held {i}") for i in range(count)])
+    await wait_converged([first, *rest])
+    return [first, *rest], ids
+
+
+async def test_a_node_takes_each_object_once_however_many_neighbours_hold_it(tmp_path):
+    async with trio.open_nursery() as nursery:
+        holders, ids = await _holders(nursery, tmp_path, ["h1", "h2", "h3"])
+        newcomer = await start_node(nursery, tmp_path, "new", peers=[h.listen_address for h in holders])
+        await wait_converged([*holders, newcomer])
+        assert all(s.pull for s in newcomer.sessions.values()) and len(newcomer.sessions) == 3
+        assert await newcomer.run_sync(lambda: sorted(newcomer.store.ids())) == sorted(ids)
+        # Version 1 would have each holder push all of them: up to 3 × COUNT.
+        assert _sent_to(holders, newcomer.node_id) == COUNT
+        assert newcomer.fetches.owed() == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_write_fans_out_with_each_node_taking_it_once(tmp_path):
+    async with trio.open_nursery() as nursery:
+        # A full mesh of four: every node hears the new root from several.
+        nodes = [await start_node(nursery, tmp_path, "m0")]
+        for i in range(1, 4):
+            nodes.append(await start_node(nursery, tmp_path, f"m{i}", peers=[n.listen_address for n in nodes]))
+        await wait_converged(nodes)
+        await nodes[0].add_contexts([context(f"fan {i}") for i in range(COUNT)])
+        await wait_converged(nodes)
+        for node in nodes[1:]:
+            assert _sent_to(nodes, node.node_id) == COUNT
+        nursery.cancel_scope.cancel()
+
+
+class _Version1Node(Node):
+    """A node of an older release: it speaks protocol version 1 only."""
+
+    def hello(self):
+        return attrs.evolve(super().hello(), versions=(1,))
+
+
+async def test_a_version_1_peer_still_gets_and_gives_everything(tmp_path):
+    async with trio.open_nursery() as nursery:
+        new = await start_node(nursery, tmp_path, "v2")
+        old = await start_node(nursery, tmp_path, "v1", peers=[new.listen_address], node_class=_Version1Node)
+        [from_new] = await new.add_contexts([context("written on the new node")])
+        [from_old] = await old.add_contexts([context("written on the old node")])
+        await wait_converged([new, old])
+        assert not new.sessions[old.node_id].pull and not old.sessions[new.node_id].pull
+        for node in (new, old):
+            assert await node.run_sync(lambda n=node: set(n.store.ids())) == {from_new, from_old}
+        nursery.cancel_scope.cancel()
+
+
+async def test_what_a_lost_session_owed_is_asked_of_another(tmp_path, monkeypatch):
+    async with trio.open_nursery() as nursery:
+        holders, ids = await _holders(nursery, tmp_path, ["h1", "h2"])
+        mute = holders[0]
+        answer = PeerSession._on_want
+        # h1 takes requests and never answers them.
+        monkeypatch.setattr(PeerSession, "_on_want", lambda self, m: None if self.node is mute else answer(self, m))
+        newcomer = await start_node(nursery, tmp_path, "new", peers=[mute.listen_address])
+        with trio.fail_after(30):
+            while newcomer.fetches.owed() < COUNT:
+                await trio.sleep(0.01)
+        # Another holder appears: what is on its way (as far as we know) is
+        # not asked of it...
+        nursery.start_soon(newcomer._dial_forever, holders[1].listen_address, "static")
+        with trio.fail_after(30):
+            while holders[1].node_id not in newcomer.sessions:
+                await trio.sleep(0.01)
+        await trio.sleep(SYNC_TURN_WAIT + 0.5)  # its turn to reconcile has come
+        while newcomer._initiating:
+            await trio.sleep(0.01)
+        assert newcomer.fetches.owed() == COUNT and len(newcomer.index) == 0
+        # ...until the session it was asked of ends: then it is.
+        await trio.aclose_forcefully(newcomer.sessions[mute.node_id].stream)
+        with trio.fail_after(30):
+            while len(newcomer.index) < COUNT:
+                await trio.sleep(0.01)
+        assert await newcomer.run_sync(lambda: sorted(newcomer.store.ids())) == sorted(ids)
+        assert newcomer.fetches.owed() == 0
+        nursery.cancel_scope.cancel()
