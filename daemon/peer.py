@@ -194,6 +194,10 @@ class PeerSession:
         # Ids pushed (or queued to push) and not yet acknowledged: a second
         # reconciliation while a push is under way must not send them again.
         self._unacked: set[bytes] = set()
+        # (Version 2) a reconciliation put off while the peer takes what it
+        # asked for: its new roots mean it is storing, not that we lack
+        # anything; it asks again itself when it has reconciled.
+        self._sync_after_push = False
         self._pushing: dict[int, set[bytes]] = {}  # our push streams -> their unacked ids
         # Received OBJECTS for the storer. Not a bounded channel: the reader
         # must never block; their bytes are bounded by our receive window.
@@ -479,6 +483,7 @@ class PeerSession:
         elif isinstance(message, Ack):
             self.info.objects_sent += len(message.ids)
             self._unacked.difference_update(message.ids)
+            self._maybe_push_drained()
             pending = self._pushing.get(stream_id)
             if pending is not None:
                 pending.difference_update(message.ids)
@@ -500,6 +505,7 @@ class PeerSession:
             refused = self._pushing.pop(stream_id, None)
             if refused is not None:
                 self._unacked -= refused
+                self._maybe_push_drained()
                 self._credit.set()
             if message.code == ErrorCode.RETRY:
                 log.debug("peer %s: stream %d: %s", self.info.address, stream_id, message.message)
@@ -582,6 +588,11 @@ class PeerSession:
             self._to_push |= fresh
             self._push_wake.set()
 
+    def _maybe_push_drained(self) -> None:
+        if self._sync_after_push and not self._unacked:
+            self._sync_after_push = False
+            self._want_sync.set()
+
     def _on_want(self, message: Want) -> None:
         # Ids we do not hold are left out: reconciliation said we did, so
         # they are rare (the peer's claim on them runs out, see fetches).
@@ -611,6 +622,9 @@ class PeerSession:
             self._want_sync = trio.Event()
             if self.info.root == self.node.root():
                 self._note_sync()
+                continue
+            if self.pull and self._unacked:
+                self._sync_after_push = True
                 continue
             async with self.node.sync_turn():
                 # What another session brought meanwhile may have made
@@ -685,6 +699,7 @@ class PeerSession:
             _warn.warning(f"{self.info.address}:window", "peer %s: %s", self.info.address, self.info.error)
             skipped = {bytes.fromhex(cid) for cid in too_large}
             self._unacked -= skipped
+            self._maybe_push_drained()
             order = [(cid, length) for cid, length in order if bytes.fromhex(cid) not in skipped]
             if not order:
                 return

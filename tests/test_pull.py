@@ -6,6 +6,8 @@ what holders sent a node (their ACKed ids), so a copy sent twice shows.
 
 from __future__ import annotations
 
+import collections
+
 import attrs
 import trio
 
@@ -103,4 +105,31 @@ async def test_what_a_lost_session_owed_is_asked_of_another(tmp_path, monkeypatc
                 await trio.sleep(0.01)
         assert await newcomer.run_sync(lambda: sorted(newcomer.store.ids())) == sorted(ids)
         assert newcomer.fetches.owed() == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_holder_does_not_reconcile_on_every_root_of_a_peer_taking_its_request(tmp_path, monkeypatch):
+    # Small messages: the request arrives as many commits, each a new root
+    # the taker announces. Those roots tell the holder nothing it needs to
+    # reconcile for; the taker asks for anything else itself.
+    import daemon.peer
+
+    monkeypatch.setattr(daemon.peer, "MAX_OBJECTS_PER_MESSAGE", 50)
+    started: collections.Counter[str] = collections.Counter()
+    initiate = PeerSession._initiate
+
+    async def counted(self):
+        started[self.node.node_id] += 1
+        await initiate(self)
+
+    monkeypatch.setattr(PeerSession, "_initiate", counted)
+    async with trio.open_nursery() as nursery:
+        holder = await start_node(nursery, tmp_path, "holder")
+        await holder.add_contexts([context(f"bulk {i}") for i in range(1000)])
+        taker = await start_node(nursery, tmp_path, "taker", peers=[holder.listen_address])
+        await wait_converged([holder, taker])
+        assert taker.status()["peers"][0]["objects_received"] == 1000
+        # One when they met (the roots differed), at most one once the push
+        # drained: not one per stored message (20 of them).
+        assert started[holder.node_id] <= 2
         nursery.cancel_scope.cancel()
