@@ -353,6 +353,7 @@ async def measure_write(daemons: list, contexts: list, payload: int, bound: floa
         pushed: list[float] = []
         before = sample(daemons)
         start = time.perf_counter()
+        observer_start = time.process_time()  # this process: the polling costs CPU too
 
         async def push() -> None:
             ids = await pusher.push(contexts)
@@ -364,6 +365,7 @@ async def measure_write(daemons: list, contexts: list, payload: int, bound: floa
             while (await clients[i].status())["objects"] < expected:
                 await trio.sleep(POLL)
             seen[i] = time.perf_counter()
+        observer_cpu: list[float] = []
 
         try:
             with trio.fail_after(bound):
@@ -381,6 +383,7 @@ async def measure_write(daemons: list, contexts: list, payload: int, bound: floa
         except trio.TooSlowError:
             raise RuntimeError(f"all hold {expected} objects but not in sync within {bound:.0f} s") from None
         in_sync = time.perf_counter()
+        observer_cpu.append(time.process_time() - observer_start)
         await trio.sleep(TAIL_SECONDS)
         after = sample(daemons)
     nodes = per_node(before, after, daemons)
@@ -390,6 +393,7 @@ async def measure_write(daemons: list, contexts: list, payload: int, bound: floa
         "converged_s": round(max(seen) - start, 3),
         "node_converged_s": {"median": round(statistics.median(seen) - start, 3)},
         "in_sync_s": round(in_sync - start, 3),
+        "observer_cpu_s": round(observer_cpu[0], 2),
         "measured_over_s": round(after["at"] - before["at"], 2),
         "cpu_s": spread(n["cpu"] for n in nodes),
         "bytes_in": spread(n["received"] for n in nodes),
@@ -523,7 +527,8 @@ def details(rows: list[dict]) -> list[str]:
             f"{r['nodes']:>3} {r['where']}: settled {r['settle_s']} s; graph diameter {g['diameter']}, "
             f"{g['hops_from_node0']} hops from node 0; known (not dialled) {_pair(r['known'], '.1f')}; "
             f"node 0 CPU {w['node0']['cpu_s']} s, in {w['node0']['bytes_in']} B, out {w['node0']['bytes_out']} B; "
-            f"median node converged {w['node_converged_s']['median']} s, all in sync {w['in_sync_s']} s; "
+            f"median node converged {w['node_converged_s']['median']} s, all in sync {w['in_sync_s']} s "
+            f"(the polling benchmark itself used {w['observer_cpu_s']} CPU s); "
             f"write measured over {w['measured_over_s']} s; sockets closed idle/write "
             f"{i['sockets_closed']}/{w['sockets_closed']}; idle CPU % {_pair(i['cpu_percent'], '.2f')}; "
             f"RSS after write {_pair(w['rss_mb_after'], '.1f')} MB, peak {w['hwm_mb_max']} MB"
