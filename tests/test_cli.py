@@ -1043,6 +1043,17 @@ def test_fsck_notes_a_missing_text_index_and_repair_rebuilds_it(rich, run):
     assert run(rich, "query", "--text", "friday", CHILD.id).lines == ["0.95 [String] Deadline is Friday"]
 
 
+def test_fsck_is_silent_about_an_index_merely_behind_and_a_query_catches_it_up(rich, run):
+    def marker() -> str:
+        with sqlite3.connect(rich / "store.db") as db:
+            return db.execute("SELECT value FROM meta WHERE key = 'fulltext'").fetchone()[0]
+
+    assert marker() == "2 0"  # pushed straight into the store: nothing indexed yet
+    assert run(rich, "fsck").lines == ["fsck: 2 objects, all sound"]
+    assert run(rich, "query", "--text", "friday", CHILD.id).lines == ["0.95 [String] Deadline is Friday"]
+    assert marker() == "2 2"
+
+
 def test_query_text_rebuilds_a_missing_index_on_first_use(rich, run):
     _drop_text_index(rich)
     assert run(rich, "query", "--text", "concurrency", CHILD.id).lines == [
