@@ -557,13 +557,14 @@ def cmd_fsck(args: argparse.Namespace, home: HomePaths, out: TextIO) -> int:
         problems = 0
         if args.repair:
             # Derived indexes only: they are rebuilt from the contexts, which
-            # fsck then checks (and never changes). A context that does not
-            # decode is passed over by the rebuild and named below.
-            atoms = store.rebuild_text_index()
-            print(f"fsck: rebuilt the full-text index ({atoms} atoms)", file=out)
+            # fsck then checks (and never changes). The atom indexes first:
+            # the full-text index reads atom ids from them. A context that
+            # does not decode is passed over by both and named below.
             fixed = store.rebuild_atom_indexes()
             if fixed:
                 print(f"fsck: rebuilt the atom index of {fixed} context(s)", file=out)
+            atoms = store.rebuild_text_index()
+            print(f"fsck: rebuilt the full-text index ({atoms} atoms)", file=out)
         else:
             state = store.text_index_state()
             # Not a problem: the first text query builds it. An index merely

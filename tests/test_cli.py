@@ -1054,6 +1054,22 @@ def test_fsck_is_silent_about_an_index_merely_behind_and_a_query_catches_it_up(r
     assert marker() == "2 2"
 
 
+def test_fsck_repair_mends_the_atom_indexes_before_the_text_index_reads_them(rich, run):
+    db = sqlite3.connect(rich / "store.db")
+    try:  # ROOT given CHILD's atom index: it parses, and names the wrong atom
+        db.execute("UPDATE contexts SET atom_index = (SELECT atom_index FROM contexts WHERE id = ?) WHERE id = ?",
+                   (bytes.fromhex(CHILD.id), bytes.fromhex(ROOT.id)))
+        db.commit()
+    finally:
+        db.close()
+    repaired = run(rich, "fsck", "--repair")
+    assert repaired.code == 0, repaired.err
+    assert repaired.lines[:2] == ["fsck: rebuilt the atom index of 1 context(s)",
+                                  "fsck: rebuilt the full-text index (6 atoms)"]
+    assert run(rich, "query", "--text", "python", ROOT.id).lines == ["0.90 [String] User prefers Python"]
+    assert run(rich, "query", "--text", "friday", CHILD.id).lines == ["0.95 [String] Deadline is Friday"]
+
+
 def test_query_text_rebuilds_a_missing_index_on_first_use(rich, run):
     _drop_text_index(rich)
     assert run(rich, "query", "--text", "concurrency", CHILD.id).lines == [

@@ -248,6 +248,17 @@ def test_a_context_that_no_longer_decodes_is_passed_over_and_named_by_fsck(sqlit
     assert len(problems) == 1 and problems[0].startswith(damaged.id)
 
 
+@pytest.mark.parametrize("index", [None, b"not an atom index"])
+def test_a_context_whose_atom_index_does_not_parse_is_indexed_from_its_bytes(sqlite_store, db_path, index):
+    sqlite_store.put(FACTS)
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE contexts SET atom_index = ?", (index,))
+    assert sqlite_store.index_text_page() == 1
+    with sqlite3.connect(db_path) as db:
+        held = {raw.hex() for (raw,) in db.execute("SELECT hash FROM atom_text_ids")}
+    assert held == {a.content_hash for a in FACTS.delta_atoms}
+
+
 @pytest.mark.parametrize(
     "damage",
     [
