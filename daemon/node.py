@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon import neterrors
 from daemon.config import NodeConfig, format_address, listen_scope
 from daemon.fetches import Fetches
+from daemon.indexer import TextIndexer
 from daemon.logs import RateLimitedLog
 from daemon.paths import HomePaths
 from daemon.peers import PeerInfo, PeerTable
@@ -88,6 +89,8 @@ class Node(PeerTable):
         self.listen_address: tuple[str, int] | None = None
         self.sessions: dict[str, Any] = {}  # connected PeerSession by peer node id
         self._store_limiter = trio.CapacityLimiter(1)
+        # Catches the full-text index up after writes settle (poked by _put).
+        self.text_indexer = TextIndexer(lambda: self.run_sync(self.store.index_text_page))
         self._reconciling = 0
         self._pending_ids: set[bytes] = set()  # stored, not yet in the index
         self._pending_since = 0.0
@@ -164,6 +167,7 @@ class Node(PeerTable):
         except StoreUnavailable as exc:
             self._store_failed(exc)
             raise
+        self.text_indexer.poke()
         if self.store_error is not None:
             self._store_recovered()
         return ids
@@ -509,6 +513,10 @@ class Node(PeerTable):
                     self._dialing.add(key)
                     nursery.start_soon(self._dial_forever, address, "static")
                 nursery.start_soon(self._apply_stale_ids)
+                await nursery.start(self.text_indexer.run)
+                # What was stored while no daemon ran (a push straight into
+                # the store, an upgrade) is indexed in the background too.
+                self.text_indexer.poke()
                 nursery.start_soon(self._track_refs)
                 if self.config.mdns:
                     # mDNS discovery (daemon/discovery.py), once the port is known. It

@@ -19,15 +19,33 @@ many contexts carry it. Nothing is ever deleted: a removal makes an atom
 not *live* in a context, and the query intersects matches with the live
 atoms of the expansion asked about.
 
-**Staleness.** `meta` holds `fulltext` = "VERSION CONTEXTS": the index
-format and how many stored contexts it covers. Contexts are never deleted,
-so the index is current exactly when the version is ours and the count is
-the number of rows in `contexts`. The store indexes the atoms of every
-context it stores in the same transaction, whatever the path (put,
-put_many, put_encoded: a peer's OBJECTS) and moves the count with it, so a
-current index stays current. It goes stale only if something else wrote
-the file (an older ctxfs) or the tables were dropped; then the first text
-query rebuilds it from scratch, as does `ctxfs fsck --repair`.
+**Staleness and catch-up.** `meta` holds `fulltext` = "VERSION POSITION":
+the index format and how far it covers, as a value of `contexts.seq` (the
+order contexts were stored in, sync/store.py): the atoms of every context
+at or before POSITION are indexed, those after it not yet. Puts do not
+index (tokenising every atom was a large share of receiving a peer's
+objects); `catch_up` indexes the contexts after the position a page at a
+time, moving the marker in the page's own transaction, so a reader sees
+the index before a page or after it, never half of one. The index is
+CURRENT when no context lies after the position; BEHIND when some do (the
+normal state between writes and the next catch-up, not a fault); MISSING
+without its marker or tables; STALE when the marker is of another version
+or points past the last stored context (the table was rewritten). A text
+query first catches the index up (the store's `text_ranks`), so it is
+exact however far behind the index was; the daemon catches up in the
+background once writes settle (daemon/indexer.py), so that query usually
+finds nothing left to do. A missing or stale index is dropped and built
+again by the same pages from position 0; `ctxfs fsck --repair` rebuilds
+it whatever its state.
+
+Why a position in `seq` holds: `seq` is the INTEGER PRIMARY KEY, i.e. the
+rowid itself, which VACUUM keeps (it may renumber the implicit rowid of a
+table without one). A new row gets max(seq) + 1, and writers are
+serialised (BEGIN IMMEDIATE), so a context committed after a page was read
+gets a seq above every row of that page: none can slip in behind the
+position. Contexts are never deleted, so the maximum never goes back (no
+AUTOINCREMENT needed); a row deleted by hand is damage, which fsck finds
+(atoms missing from a covered context) and `fsck --repair` mends.
 
 **Matching.** The user's text is split at whitespace and each piece is
 sent as one quoted FTS5 phrase (`"` doubled), the phrases joined by OR:
@@ -45,22 +63,24 @@ import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 
-from sync.codec import decode_context
+from sync import atomindex
+from sync.codec import MAX_CONTEXT_BYTES, DecodeError, decode_context, unpack_bounded
 from sync.model import CompressedContext, ExpandedContext, MemoryAtom
 from sync.query import ContextQuery
 
 __all__ = [
-    "CURRENT", "MISSING", "STALE", "added", "fsck_context", "match_expression", "rebuild", "run_query", "search",
-    "search_atoms", "state", "text_ranks",
+    "BEHIND", "CURRENT", "MISSING", "STALE", "catch_up", "covered", "fsck_context", "indexed_atoms", "match_expression",
+    "reset", "run_query", "search", "search_atoms", "state", "text_ranks", "upgrade_marker",
 ]
 
-# Bump when the tables or the tokenizer change: an index of another
-# version is stale and rebuilt on first use.
-INDEX_VERSION = "1"
+# Bump when the tables, the tokenizer or the marker change: an index of
+# another version is stale and rebuilt on first use. 2: the marker holds a
+# position in contexts.seq (1 held a count of contexts).
+INDEX_VERSION = "2"
 MARKER_KEY = "fulltext"
 TOKENIZER = "porter unicode61 remove_diacritics 2"
 
-CURRENT, MISSING, STALE = "current", "missing", "stale"
+CURRENT, BEHIND, MISSING, STALE = "current", "behind", "missing", "stale"
 
 _TABLES = ("atom_text", "atom_text_ids")
 # (The store splits schema text at semicolons: none in the statements.)
@@ -68,8 +88,13 @@ _CREATE = (
     "CREATE TABLE atom_text_ids (id INTEGER PRIMARY KEY, hash BLOB NOT NULL UNIQUE)",
     f"CREATE VIRTUAL TABLE atom_text USING fts5(content, content='', tokenize='{TOKENIZER}')",
 )
-# Contexts read per slice while rebuilding: bounded memory for any store.
-_REBUILD_PAGE = 512
+# One page of the catch-up is one transaction, holding the store's lock and
+# SQLite's write lock throughout: writes wait for at most one page. A page
+# is bounded in contexts (a few milliseconds of tokenising for small ones)
+# and in bytes read, since one context may be 12 MB (MAX_CONTEXT_BYTES):
+# at least one context, then no more once PAGE_BYTES are read.
+PAGE_CONTEXTS = 256
+PAGE_BYTES = 4 * 1024 * 1024
 # Bound variables per IN (...) list, under SQLite's limit.
 _CHUNK = 500
 
@@ -94,8 +119,12 @@ def _marker(db: sqlite3.Connection) -> tuple[str, int] | None:
     row = db.execute("SELECT value FROM meta WHERE key = ?", (MARKER_KEY,)).fetchone()
     if row is None:
         return None
-    version, _, count = row[0].partition(" ")
-    return version, int(count) if count.isdigit() else -1
+    version, _, number = row[0].partition(" ")
+    return version, int(number) if number.isdigit() else -1
+
+
+def _set_marker(db: sqlite3.Connection, position: int) -> None:
+    db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (MARKER_KEY, f"{INDEX_VERSION} {position}"))
 
 
 def _tables_exist(db: sqlite3.Connection) -> bool:
@@ -104,26 +133,45 @@ def _tables_exist(db: sqlite3.Connection) -> bool:
     return found == len(_TABLES)
 
 
-def state(db: sqlite3.Connection) -> str:
-    """CURRENT, MISSING (never built, or its tables are gone) or STALE
-    (another version, or it does not cover every stored context)."""
+def _last_stored(db: sqlite3.Connection) -> int:
+    # The rowid's maximum: one step down the table's b-tree, whatever its size.
+    return db.execute("SELECT coalesce(max(seq), 0) FROM contexts").fetchone()[0]
+
+
+def _state(db: sqlite3.Connection) -> tuple[str, int]:
     marker = _marker(db)
     if marker is None or not _tables_exist(db):
-        return MISSING
-    version, count = marker
-    if version != INDEX_VERSION:
-        return STALE
-    # Counted over the contexts_base index, not the blobs: cheap per query.
-    if count != db.execute("SELECT count(*) FROM contexts").fetchone()[0]:
-        return STALE
-    return CURRENT
+        return MISSING, 0
+    version, position = marker
+    if version != INDEX_VERSION or position < 0:
+        return STALE, 0
+    last = _last_stored(db)
+    if position > last:
+        return STALE, 0
+    return (CURRENT if position == last else BEHIND), position
 
 
-def _index_atoms(db: sqlite3.Connection, atoms: Iterable[MemoryAtom]) -> int:
-    """Index the atoms not yet indexed, in a few statements; how many were new."""
+def state(db: sqlite3.Connection) -> str:
+    """CURRENT, BEHIND (contexts stored after its position are not yet
+    indexed: a query catches up first), MISSING (never built, or its
+    tables are gone) or STALE (another version, or a position past every
+    stored context)."""
+    return _state(db)[0]
+
+
+def covered(db: sqlite3.Connection) -> int | None:
+    """The position of a CURRENT or BEHIND index: every context whose seq
+    is at most this has its atoms indexed. None if missing or stale."""
+    current, position = _state(db)
+    return position if current in (CURRENT, BEHIND) else None
+
+
+def _index_atoms(db: sqlite3.Connection, atoms: Iterable[tuple[bytes, str]]) -> int:
+    """Index the atoms (id, content) not yet indexed, in a few statements;
+    how many were new."""
     fresh: dict[bytes, str] = {}
-    for atom in atoms:
-        fresh.setdefault(bytes.fromhex(atom.content_hash), atom.content)
+    for atom_id, content in atoms:
+        fresh.setdefault(atom_id, content)
     if not fresh:
         return 0
     # One insert that skips the ids already held, instead of looking each
@@ -136,53 +184,98 @@ def _index_atoms(db: sqlite3.Connection, atoms: Iterable[MemoryAtom]) -> int:
     return len(rows)
 
 
-def added(db: sqlite3.Connection, contexts: Sequence[CompressedContext], stored: int) -> None:
-    """Contexts being stored in the caller's transaction, `stored` of them
-    new rows: index their atoms and move the marker's count with them. A
-    missing index is left missing (the first text query builds it)."""
-    marker = _marker(db)
-    if marker is None or marker[0] != INDEX_VERSION or not _tables_exist(db):
-        return
-    _index_atoms(db, (atom for ctx in contexts for atom in ctx.delta_atoms))
-    db.execute(
-        "UPDATE meta SET value = ? WHERE key = ?", (f"{INDEX_VERSION} {marker[1] + stored}", MARKER_KEY)
-    )
-
-
-def rebuild(db: sqlite3.Connection) -> int:
-    """Drop the index and build it again from every stored context, a page
-    at a time; the number of distinct atoms indexed. In the caller's
-    transaction: readers see the old index or the new, never half."""
+def reset(db: sqlite3.Connection) -> None:
+    """Drop the index and create it empty, covering nothing (position 0):
+    `catch_up` then fills it. In the caller's transaction."""
     for table in _TABLES:
         db.execute(f"DROP TABLE IF EXISTS {table}")
     for statement in _CREATE:
         db.execute(statement)
-    atoms = contexts = 0
-    after = b""
-    while True:
-        rows = db.execute(
-            "SELECT id, data FROM contexts WHERE id > ? ORDER BY id LIMIT ?", (after, _REBUILD_PAGE)
-        ).fetchall()
-        if not rows:
-            break
-        # Our own bytes, checked when they were put; fsck re-verifies them.
-        decoded = [decode_context(data, verify=False) for _id, data in rows]
-        atoms += _index_atoms(db, (atom for ctx in decoded for atom in ctx.delta_atoms))
-        contexts += len(rows)
-        after = rows[-1][0]
-    db.execute(
-        "INSERT OR REPLACE INTO meta VALUES (?, ?)", (MARKER_KEY, f"{INDEX_VERSION} {contexts}")
+    _set_marker(db, 0)
+
+
+def catch_up(db: sqlite3.Connection) -> int:
+    """Index one page of the contexts stored after the index's position
+    and move the position past them, in the caller's transaction; how many
+    contexts were indexed (0: the index was current). A missing or stale
+    index is reset first, then filled from the start by the same pages."""
+    current, position = _state(db)
+    if current == CURRENT:
+        return 0
+    if current in (MISSING, STALE):
+        reset(db)
+    rows, size = [], 0
+    cursor = db.execute(
+        "SELECT seq, atom_index, data FROM contexts WHERE seq > ? ORDER BY seq LIMIT ?", (position, PAGE_CONTEXTS)
     )
-    return atoms
+    for row in cursor:
+        rows.append(row)
+        size += len(row[2])
+        if size >= PAGE_BYTES:
+            break
+    cursor.close()
+    if not rows:
+        return 0
+    atoms: list[tuple[bytes, str]] = []
+    for _seq, index, data in rows:
+        atoms += _atoms_of(index, data)
+    _index_atoms(db, atoms)
+    _set_marker(db, rows[-1][0])
+    return len(rows)
+
+
+def _atoms_of(index: bytes | None, data: bytes) -> list[tuple[bytes, str]]:
+    """(id, content) of the atoms a stored context adds. The ids come from
+    its atom index, trusted as expansion trusts it (fsck checks it, and
+    `fsck --repair` rebuilds it before this index), and the contents from
+    the raw atoms at the positions it names: no atom is built or hashed
+    (decoding whole contexts made the catch-up half as slow again). A row
+    whose atom index does not parse is decoded instead; one whose bytes no
+    longer decode is passed over, for fsck to name (a query must not fail
+    on it)."""
+    try:
+        parsed = atomindex.parse(index) if index is not None else None
+        if parsed is not None:
+            raw = unpack_bounded(data, MAX_CONTEXT_BYTES)[2]
+            contents = [raw[p][0] for p in parsed.positions]
+            if all(type(c) is str for c in contents):
+                return list(zip(parsed.id_list(), contents))
+    except (atomindex.AtomIndexError, DecodeError, IndexError, TypeError):
+        pass
+    try:
+        # Our own bytes, checked when they were put; fsck re-verifies them.
+        atoms = decode_context(data, verify=False).delta_atoms
+    except DecodeError:
+        return []
+    return [(bytes.fromhex(a.content_hash), a.content) for a in atoms]
+
+
+def indexed_atoms(db: sqlite3.Connection) -> int:
+    """How many distinct atoms the index holds."""
+    return db.execute("SELECT count(*) FROM atom_text_ids").fetchone()[0]
+
+
+def upgrade_marker(db: sqlite3.Connection) -> None:
+    """While a store is upgraded to the schema with `contexts.seq`: an index
+    of version 1 was kept current by every put and counted the contexts
+    it covered. If it covered them all, it covers every seq now and keeps
+    its tables (no rebuild of a large store's index); else it is stale,
+    as any other version, and rebuilt on first use."""
+    marker = _marker(db)
+    if marker is None or marker[0] != "1" or not _tables_exist(db):
+        return
+    if marker[1] == db.execute("SELECT count(*) FROM contexts").fetchone()[0]:
+        _set_marker(db, _last_stored(db))
 
 
 def fsck_context(read: Callable[[str, tuple], list], context_id: str, ctx: CompressedContext) -> str | None:
-    """The problem of a CURRENT index (the caller checks that) with one
-    sound stored context: atoms of it the index does not hold (facts that
-    could not be recalled). Atoms held beyond those are harmless: queries
-    keep live atoms only. A missing or stale index is no problem at all:
-    the first text query rebuilds it. `read(sql, args)` runs one query
-    under the store's lock."""
+    """The problem of the index with one sound stored context it covers
+    (the caller checks that: `covered`): atoms of it the index does not
+    hold (facts that could not be recalled). Atoms held beyond those are
+    harmless: queries keep live atoms only. Contexts after the position,
+    and a missing or stale index, are no problem at all: the next text
+    query indexes them. `read(sql, args)` runs one query under the
+    store's lock."""
     wanted = {bytes.fromhex(a.content_hash) for a in ctx.delta_atoms}
     keys = list(wanted)
     for start in range(0, len(keys), _CHUNK):
@@ -211,13 +304,13 @@ def search(db: sqlite3.Connection, text: str) -> dict[str, float]:
 def search_atoms(atoms: Sequence[MemoryAtom], text: str) -> dict[str, float]:
     """The same match over the given atoms alone, in a throwaway in-memory
     index: for stores without an index of their own (the in-memory store)
-    and for a stale index that cannot be rebuilt now (the store is not
+    and for an index that cannot be caught up now (the store is not
     writable). bm25's statistics are then those of these atoms only."""
     db = sqlite3.connect(":memory:")
     try:
         for statement in _CREATE:
             db.execute(statement)
-        _index_atoms(db, atoms)
+        _index_atoms(db, ((bytes.fromhex(a.content_hash), a.content) for a in atoms))
         return search(db, text)
     finally:
         db.close()
@@ -230,7 +323,8 @@ def search_atoms(atoms: Sequence[MemoryAtom], text: str) -> dict[str, float]:
 
 def text_ranks(store: object, text: str, atoms: Sequence[MemoryAtom]) -> dict[str, float]:
     """Atom id -> text rank for `text`, from the store's index when it has
-    one (rebuilt first if missing or stale), else over `atoms`."""
+    one (caught up first if behind, rebuilt if missing or stale), else
+    over `atoms`."""
     ranks_of = getattr(store, "text_ranks", None)
     ranks = ranks_of(text) if ranks_of is not None else None
     return search_atoms(atoms, text) if ranks is None else ranks

@@ -31,9 +31,11 @@ from sync.model import CompressedContext, check_id
 from sync.refs import RefTable, RefUpdate, RefValue, decode_update, encode_update, is_ref_update_bytes, verify_update
 
 # 2: the ref_updates table (sync/refstore.py). 3: contexts.atom_index, a
-# derived column (sync/atomindex.py). An older store is upgraded in place
-# when opened; this code refuses a store of a later schema.
-SCHEMA_VERSION = 3
+# derived column (sync/atomindex.py). 4: contexts.seq, the order of
+# storing, an INTEGER PRIMARY KEY that VACUUM keeps (the full-text index's
+# position, sync/fulltext.py). An older store is upgraded in place when
+# opened; this code refuses a store of a later schema.
+SCHEMA_VERSION = 4
 
 
 class StoreError(Exception):
@@ -334,9 +336,14 @@ class InMemoryContextStore:
 # handful of rows a page: one step of a lineage walk cost ~50x a step
 # through the id index of a rowid table. The derived atom index comes
 # before the bytes, so reading it does not walk their overflow pages.
+# Since schema 4 the rowid has a name, `seq`: as an INTEGER PRIMARY KEY it
+# keeps its values through VACUUM, so the full-text index may say how far
+# it got as a seq. The table's layout is as in schema 3 (the id is the same
+# unique index into the same rowid b-tree).
 _CONTEXTS_TABLE = """
 CREATE TABLE IF NOT EXISTS contexts (
-    id    BLOB PRIMARY KEY,          -- SHA-256 of data
+    seq   INTEGER PRIMARY KEY,       -- order of storing: max + 1 (contexts are never deleted)
+    id    BLOB NOT NULL UNIQUE,      -- SHA-256 of data
     base  BLOB,                      -- parent id, NULL for a root
     depth INTEGER NOT NULL,          -- 0 for a root, base's depth + 1 otherwise
     atom_index BLOB,                 -- derived from data (sync.atomindex)
@@ -435,15 +442,16 @@ class SQLiteContextStore:
             row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-                # A new store gets its (empty) full-text index now, and keeps
-                # it current on every put; an older store builds it on first
-                # use. Derived tables, not schema: no version bump.
-                fulltext.rebuild(self._db)
-            elif row[0] in ("1", "2"):
+                # A new store gets its (empty) full-text index now; text
+                # queries and the daemon catch it up with what is stored.
+                fulltext.reset(self._db)
+            elif row[0] in ("1", "2", "3"):
                 # 1 -> 2 was the ref_updates table, created above; 2 -> 3
-                # rebuilds contexts (below). All in this transaction: a
-                # store is either upgraded whole or not at all.
-                self._upgrade_contexts_to_3()
+                # and 3 -> 4 copy contexts into the current table (below).
+                # All in this transaction: a store is either upgraded whole
+                # or not at all.
+                self._upgrade_contexts(int(row[0]))
+                fulltext.upgrade_marker(self._db)
                 self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
             elif row[0] != str(SCHEMA_VERSION):
                 raise StoreError(f"{self.path}: store schema {row[0]} is not supported (this is {SCHEMA_VERSION})")
@@ -538,13 +546,12 @@ class SQLiteContextStore:
             rows.append((bytes.fromhex(cid), None if ctx.base_hash is None else bytes.fromhex(ctx.base_hash), depth, data,
                          atomindex.build(ctx)))
         # One statement for the batch: a row-at-a-time loop hands the GIL
-        # back and forth with the event loop thread once per context.
-        stored = self._db.executemany(
+        # back and forth with the event loop thread once per context. The
+        # full-text index is not touched: it catches up later, by seq
+        # (index_text_page), off the write path.
+        self._db.executemany(
             "INSERT OR IGNORE INTO contexts (id, base, depth, data, atom_index) VALUES (?, ?, ?, ?, ?)", rows
-        ).rowcount
-        # The derived full-text index, in this same transaction: every put
-        # path (a peer's OBJECTS too) comes here, so a current index stays so.
-        fulltext.added(self._db, [ctx for _cid, ctx, _data in batch], stored)
+        )
 
     def _depth(self, context_id: str) -> int:
         row = self._db.execute("SELECT depth FROM contexts WHERE id = ?", (bytes.fromhex(context_id),)).fetchone()
@@ -732,27 +739,48 @@ class SQLiteContextStore:
 
     def text_ranks(self, text: str) -> dict[str, float] | None:
         """Atom id -> FTS5 rank (lower is better) of every stored atom that
-        matches `text` (sync/fulltext.py), rebuilding the index first if it
-        is missing or stale; None if it is not current and the store cannot
-        be written now (the caller searches the expansion alone)."""
+        matches `text` (sync/fulltext.py), catching the index up first with
+        every context stored before (building it if missing or stale); None
+        if it is not current and the store cannot be written now (the
+        caller searches the expansion alone)."""
         with self._lock:
-            if fulltext.state(self._db) != fulltext.CURRENT:
-                try:
-                    self.rebuild_text_index(only_if_needed=True)
-                except StoreUnavailable:
-                    return None
-            return fulltext.search(self._db, text)
+            if fulltext.state(self._db) == fulltext.CURRENT:
+                return fulltext.search(self._db, text)
+        try:
+            # Page by page, each its own transaction: other threads' writes
+            # go on in between...
+            while self.index_text_page():
+                pass
+            with self._lock:
+                # ...then what they wrote meanwhile, holding the lock on to
+                # the search: it sees every context stored before it.
+                while self.index_text_page():
+                    pass
+                return fulltext.search(self._db, text)
+        except StoreUnavailable:
+            return None
 
-    def rebuild_text_index(self, *, only_if_needed: bool = False) -> int | None:
-        """Build the full-text index again from every stored context; the
-        number of distinct atoms indexed (None: it was current, and
-        `only_if_needed`)."""
+    def index_text_page(self) -> int:
+        """Catch the full-text index up by one page, in one transaction:
+        how many contexts were indexed, 0 when it covers them all (then
+        nothing is written). The daemon calls it between writes
+        (daemon/indexer.py); a text query calls it until it returns 0."""
+        with self._lock:
+            if fulltext.state(self._db) == fulltext.CURRENT:
+                return 0  # no write: a store that cannot be written answers too
+            with self._transaction():
+                return fulltext.catch_up(self._db)
+
+    def rebuild_text_index(self) -> int:
+        """Drop the full-text index and build it again from every stored
+        context, a page per transaction; the number of distinct atoms it
+        then holds."""
         with self._transaction():
-            # Re-checked inside the write lock: two threads or processes
-            # finding it stale rebuild it once.
-            if only_if_needed and fulltext.state(self._db) == fulltext.CURRENT:
-                return None
-            return fulltext.rebuild(self._db)
+            fulltext.reset(self._db)
+        while self.index_text_page():
+            pass
+        with self._lock:
+            return fulltext.indexed_atoms(self._db)
 
     # ------------------------------------------ the atom index column (derived)
 
@@ -762,33 +790,39 @@ class SQLiteContextStore:
         with self._transaction():
             return self._build_atom_indexes()
 
-    def _upgrade_contexts_to_3(self) -> None:
-        """Copy contexts into a rowid table with each row's atom index, a
-        page at a time (in the caller's transaction). The file needs room
-        for both copies until the old one is dropped."""
-        self._db.execute("ALTER TABLE contexts RENAME TO contexts_schema_2")
+    def _upgrade_contexts(self, schema: int) -> None:
+        """Copy contexts of an older schema into the current table (in the
+        caller's transaction). The file needs room for both copies until
+        the old one is dropped. From schema 3: in one statement, each row
+        keeping its rowid as its seq. From 1 or 2 (WITHOUT ROWID, no atom
+        index): a page at a time, computing each row's atom index; seqs
+        follow id order."""
+        old = f"contexts_schema_{schema}"
+        self._db.execute(f"ALTER TABLE contexts RENAME TO {old}")
         self._db.execute("DROP INDEX IF EXISTS contexts_base")
         self._db.execute(_CONTEXTS_TABLE)
-        after = b""
-        while True:
-            rows = self._db.execute(
-                "SELECT id, base, depth, data FROM contexts_schema_2 WHERE id > ? ORDER BY id LIMIT ?",
-                (after, _INDEX_PAGE),
-            ).fetchall()
-            if not rows:
-                break
-            copied = []
-            for cid, base, depth, data in rows:
-                try:
-                    index = atomindex.build(decode_context(data, verify=False))
-                except DecodeError:
-                    index = None  # a damaged row: copied as it is, for fsck to name
-                copied.append((cid, base, depth, index, data))
-            self._db.executemany(
-                "INSERT INTO contexts (id, base, depth, atom_index, data) VALUES (?, ?, ?, ?, ?)", copied
+        if schema == 3:
+            self._db.execute(
+                "INSERT INTO contexts (seq, id, base, depth, atom_index, data)"
+                f" SELECT rowid, id, base, depth, atom_index, data FROM {old} ORDER BY rowid"
             )
-            after = rows[-1][0]
-        self._db.execute("DROP TABLE contexts_schema_2")
+        else:
+            after = b""
+            while rows := self._db.execute(
+                f"SELECT id, base, depth, data FROM {old} WHERE id > ? ORDER BY id LIMIT ?", (after, _INDEX_PAGE)
+            ).fetchall():
+                copied = []
+                for cid, base, depth, data in rows:
+                    try:
+                        index = atomindex.build(decode_context(data, verify=False))
+                    except DecodeError:
+                        index = None  # a damaged row: copied as it is, for fsck to name
+                    copied.append((cid, base, depth, index, data))
+                self._db.executemany(
+                    "INSERT INTO contexts (id, base, depth, atom_index, data) VALUES (?, ?, ?, ?, ?)", copied
+                )
+                after = rows[-1][0]
+        self._db.execute(f"DROP TABLE {old}")
         self._db.execute(_CONTEXTS_BASE_INDEX)
 
     def _build_atom_indexes(self) -> int:
@@ -815,7 +849,7 @@ class SQLiteContextStore:
             after = rows[-1][0]
 
     def text_index_state(self) -> str:
-        """fulltext.CURRENT, MISSING or STALE."""
+        """fulltext.CURRENT, BEHIND, MISSING or STALE."""
         with self._lock:
             return fulltext.state(self._db)
 
@@ -838,18 +872,21 @@ class SQLiteContextStore:
         if result != [("ok",)]:
             for (line,) in result:
                 yield f"sqlite: {line}"
-        index_current = self.text_index_state() == fulltext.CURRENT
+        with self._lock:
+            # Contexts up to here must be in the full-text index; those after
+            # are merely not indexed yet (no problem: the next query does it).
+            covered = fulltext.covered(self._db)
         after = b""
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT c.id, c.base, c.depth, c.data, b.depth, c.atom_index FROM contexts c"
+                    "SELECT c.id, c.base, c.depth, c.data, b.depth, c.atom_index, c.seq FROM contexts c"
                     " LEFT JOIN contexts b ON b.id = c.base WHERE c.id > ? ORDER BY c.id LIMIT 512",
                     (after,),
                 ).fetchall()
             if not rows:
                 break
-            for raw_id, base, depth, data, base_depth, index in rows:
+            for raw_id, base, depth, data, base_depth, index, seq in rows:
                 cid = raw_id.hex()
                 if len(raw_id) != 32 or bytes_id(data) != cid:
                     yield f"{cid}: stored bytes do not hash to the id"
@@ -867,8 +904,9 @@ class SQLiteContextStore:
                     yield f"{cid}: depth {depth} is wrong"
                 elif index != atomindex.build(ctx):
                     yield f"{cid}: {_BAD_ATOM_INDEX}"
-                elif index_current and (problem := fulltext.fsck_context(self._read, cid, ctx)):
-                    yield problem  # the derived index misses atoms of a sound context
+                elif covered is not None and seq <= covered and (
+                        problem := fulltext.fsck_context(self._read, cid, ctx)):
+                    yield problem  # the derived index misses atoms of a sound context it covers
             after = rows[-1][0]
         yield from refstore.sqlite_fsck(self._read, self.has)
 

@@ -1043,6 +1043,33 @@ def test_fsck_notes_a_missing_text_index_and_repair_rebuilds_it(rich, run):
     assert run(rich, "query", "--text", "friday", CHILD.id).lines == ["0.95 [String] Deadline is Friday"]
 
 
+def test_fsck_is_silent_about_an_index_merely_behind_and_a_query_catches_it_up(rich, run):
+    def marker() -> str:
+        with sqlite3.connect(rich / "store.db") as db:
+            return db.execute("SELECT value FROM meta WHERE key = 'fulltext'").fetchone()[0]
+
+    assert marker() == "2 0"  # pushed straight into the store: nothing indexed yet
+    assert run(rich, "fsck").lines == ["fsck: 2 objects, all sound"]
+    assert run(rich, "query", "--text", "friday", CHILD.id).lines == ["0.95 [String] Deadline is Friday"]
+    assert marker() == "2 2"
+
+
+def test_fsck_repair_mends_the_atom_indexes_before_the_text_index_reads_them(rich, run):
+    db = sqlite3.connect(rich / "store.db")
+    try:  # ROOT given CHILD's atom index: it parses, and names the wrong atom
+        db.execute("UPDATE contexts SET atom_index = (SELECT atom_index FROM contexts WHERE id = ?) WHERE id = ?",
+                   (bytes.fromhex(CHILD.id), bytes.fromhex(ROOT.id)))
+        db.commit()
+    finally:
+        db.close()
+    repaired = run(rich, "fsck", "--repair")
+    assert repaired.code == 0, repaired.err
+    assert repaired.lines[:2] == ["fsck: rebuilt the atom index of 1 context(s)",
+                                  "fsck: rebuilt the full-text index (6 atoms)"]
+    assert run(rich, "query", "--text", "python", ROOT.id).lines == ["0.90 [String] User prefers Python"]
+    assert run(rich, "query", "--text", "friday", CHILD.id).lines == ["0.95 [String] Deadline is Friday"]
+
+
 def test_query_text_rebuilds_a_missing_index_on_first_use(rich, run):
     _drop_text_index(rich)
     assert run(rich, "query", "--text", "concurrency", CHILD.id).lines == [

@@ -7,7 +7,10 @@ import random
 import pytest
 import trio
 
-from node_helpers import context, random_writes, start_node, wait_converged
+from daemon import indexer
+from node_helpers import WHEN, context, random_writes, start_node, wait_converged
+from sync import fulltext
+from sync.query import ContextQuery
 
 # Generous bound so a broken sync fails the test instead of hanging it; the
 # runs themselves take well under a second or two.
@@ -182,4 +185,37 @@ async def test_a_chain_longer_than_one_push_batch_arrives_whole(tmp_path):
         await wait_converged([a, b])
         assert len(b.index) == 5000
         assert await b.run_sync(b.store.get_lineage, base) == [c.id for c in chain]
+        nursery.cancel_scope.cancel()
+
+
+async def test_objects_stored_through_the_node_are_indexed_before_any_query(tmp_path, monkeypatch):
+    """Puts leave the full-text index behind; the node's indexer catches it
+    up once writes settle, so a text query then finds nothing to index."""
+    monkeypatch.setattr(indexer, "QUIET_SECONDS", 0.05)
+    chain, base = [], None
+    for i in range(300):  # more than one page of the catch-up
+        ctx = context(f"entry {i}" + (" mentions zebras" if i % 100 == 7 else ""), base)
+        chain.append(ctx)
+        base = ctx.id
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, tmp_path, "a")
+        await a.add_contexts(chain[:150])  # a push
+        await a.add_contexts(chain[150:])
+        b = await start_node(nursery, tmp_path, "b", peers=[a.listen_address])
+        await wait_converged([a, b])  # b stored them from a peer's OBJECTS
+        for node in (a, b):
+            with trio.fail_after(CONVERGE_BOUND):
+                while node.text_indexer.statistics().contexts < len(chain):
+                    await trio.sleep(0.02)
+            stats = node.text_indexer.statistics()
+            assert stats.contexts == len(chain) and stats.pages >= 2
+            assert await node.run_sync(node.store.text_index_state) == fulltext.CURRENT
+            assert await node.run_sync(node.store.index_text_page) == 0  # nothing left for a query
+
+            def query(node=node):
+                expanded = node.expander.expand(base)
+                return fulltext.run_query(node.store, expanded, ContextQuery(text="zebra"), WHEN)
+
+            hits = await node.run_sync(query)
+            assert sorted(hit.content for hit in hits) == [f"entry {i} mentions zebras" for i in (107, 207, 7)]
         nursery.cancel_scope.cancel()

@@ -236,7 +236,7 @@ def test_fsck_names_altered_forged_and_orphaned_updates(tmp_path, ctxs):
         s.close()
 
 
-# --- schema 1 -> 2 ------------------------------------------------------------------
+# --- schema 1 -> 2 (and on to the current schema) ------------------------------------
 
 # The schema text of schema-1 stores, exactly as that code created them.
 SCHEMA_1 = """
@@ -269,7 +269,7 @@ def test_a_schema_1_store_opens_upgraded_and_keeps_everything(tmp_path, ctxs):
     _make_v1_store(path, ctxs)
     s = SQLiteContextStore(path)
     try:
-        assert s._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+        assert s._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
         assert s.get_lineage(ctxs[2].id) == [c.id for c in ctxs] and len(s) == 3
         assert list(s.fsck()) == []
         [uid] = s.put_ref_updates([update(ctxs[2])])
@@ -283,10 +283,10 @@ def test_a_schema_1_store_opens_upgraded_and_keeps_everything(tmp_path, ctxs):
 
 
 def test_a_store_of_a_later_schema_is_refused_unchanged(tmp_path, ctxs):
-    path = tmp_path / "v4.db"
+    path = tmp_path / "v5.db"
     _make_v1_store(path, ctxs)
-    _sql(path, "UPDATE meta SET value = '4' WHERE key = 'schema'")
-    with pytest.raises(StoreError, match="schema 4 is not supported"):
+    _sql(path, "UPDATE meta SET value = '5' WHERE key = 'schema'")
+    with pytest.raises(StoreError, match="schema 5 is not supported"):
         SQLiteContextStore(path)
     tables = sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
     assert ("ref_updates",) not in tables  # the refused open changed nothing

@@ -450,6 +450,37 @@ CREATE INDEX IF NOT EXISTS contexts_base ON contexts(base);
 """ + refstore.REF_SCHEMA
 
 
+# The full-text index as schema-2 and schema-3 code kept it: current after
+# every put, its marker "1 COUNT" counting the contexts it covered.
+TEXT_INDEX_1 = """
+CREATE TABLE atom_text_ids (id INTEGER PRIMARY KEY, hash BLOB NOT NULL UNIQUE);
+CREATE VIRTUAL TABLE atom_text USING fts5(content, content='', tokenize='porter unicode61 remove_diacritics 2');
+"""
+
+
+def _old_text_index(db, contexts, *, covering=None):
+    """Index `contexts` as version-1 code did; the marker counts `covering`
+    contexts (default: all of them, a current index)."""
+    db.executescript(TEXT_INDEX_1)
+    with db:
+        atoms = {bytes.fromhex(a.content_hash): a.content for ctx in contexts for a in ctx.delta_atoms}
+        for raw, content in atoms.items():
+            rowid = db.execute("INSERT INTO atom_text_ids (hash) VALUES (?)", (raw,)).lastrowid
+            db.execute("INSERT INTO atom_text (rowid, content) VALUES (?, ?)", (rowid, content))
+        count = len(contexts) if covering is None else covering
+        db.execute("INSERT INTO meta VALUES ('fulltext', ?)", (f"1 {count}",))
+
+
+def _old_rows(contexts):
+    """(id, base, depth, data) of each context, bases first."""
+    depths: dict[str, int] = {}
+    for ctx in contexts:
+        depth = 0 if ctx.base_hash is None else depths[ctx.base_hash] + 1
+        depths[ctx.id] = depth
+        base = None if ctx.base_hash is None else bytes.fromhex(ctx.base_hash)
+        yield bytes.fromhex(ctx.id), base, depth, encode_context(ctx)
+
+
 def _make_v2_store(path, contexts, updates=()):
     """A store as schema-2 code wrote it: rows of (id, base, depth, data),
     ref updates, and the full-text index a new store got."""
@@ -458,14 +489,9 @@ def _make_v2_store(path, contexts, updates=()):
         db.executescript(SCHEMA_2)
         with db:
             db.execute("INSERT INTO meta VALUES ('schema', '2')")
-            depths: dict[str, int] = {}
-            for ctx in contexts:  # bases first
-                depth = 0 if ctx.base_hash is None else depths[ctx.base_hash] + 1
-                depths[ctx.id] = depth
-                base = None if ctx.base_hash is None else bytes.fromhex(ctx.base_hash)
-                db.execute("INSERT INTO contexts VALUES (?, ?, ?, ?)", (bytes.fromhex(ctx.id), base, depth, encode_context(ctx)))
+            db.executemany("INSERT INTO contexts VALUES (?, ?, ?, ?)", _old_rows(contexts))
             refstore.sqlite_insert(db, [(refs.update_id(u), u, refs.encode_update(u)) for u in updates])
-            fulltext.rebuild(db)
+        _old_text_index(db, contexts)
     finally:
         db.close()
 
@@ -484,8 +510,11 @@ def test_a_schema_2_store_opens_upgraded_and_expands_as_before(tmp_path, family)
     reference.put_many(contexts)
     s = SQLiteContextStore(path)
     try:
-        assert s._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+        assert s._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
         assert s._db.execute("SELECT count(*) FROM contexts WHERE atom_index IS NULL").fetchone() == (0,)
+        # The old index covered every context: it is kept, now by position.
+        assert s.text_index_state() == fulltext.CURRENT
+        assert s.index_text_page() == 0
         assert list(s.fsck()) == []
         assert s.ref_value("main").target == twist.id
         for ctx in contexts:
@@ -517,9 +546,101 @@ def test_schema_3_keeps_contexts_in_a_rowid_table_index_before_bytes(tmp_path, f
             sql = s._db.execute("SELECT sql FROM sqlite_master WHERE name = 'contexts'").fetchone()[0]
             assert "WITHOUT ROWID" not in sql
             columns = [row[1] for row in s._db.execute("PRAGMA table_info(contexts)")]
-            assert columns == ["id", "base", "depth", "atom_index", "data"]
+            assert columns == ["seq", "id", "base", "depth", "atom_index", "data"]
             assert s._db.execute("SELECT name FROM sqlite_master WHERE name = 'contexts_base'").fetchone()
             assert not s._db.execute("SELECT name FROM sqlite_master WHERE name LIKE 'contexts_schema_%'").fetchone()
             assert list(s.fsck()) == []
         finally:
             s.close()
+
+
+# The schema text of schema-3 stores' contexts table, exactly as that code
+# created it (meta and ref_updates as in schema 2).
+SCHEMA_3 = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS contexts (
+    id    BLOB PRIMARY KEY,          -- SHA-256 of data
+    base  BLOB,                      -- parent id, NULL for a root
+    depth INTEGER NOT NULL,          -- 0 for a root, base's depth + 1 otherwise
+    atom_index BLOB,                 -- derived from data (sync.atomindex)
+    data  BLOB NOT NULL              -- canonical encoding (sync.codec)
+);
+CREATE INDEX IF NOT EXISTS contexts_base ON contexts(base);
+""" + refstore.REF_SCHEMA
+
+
+def _make_v3_store(path, contexts, *, covering=None):
+    """A store as schema-3 code wrote it, its rowids in an order other than
+    the ids' (with a gap, as VACUUM would close), and its full-text index."""
+    db = sqlite3.connect(path)
+    try:
+        db.executescript(SCHEMA_3)
+        with db:
+            db.execute("INSERT INTO meta VALUES ('schema', '3')")
+            for rowid, ((cid, base, depth, data), ctx) in enumerate(zip(_old_rows(contexts), contexts)):
+                db.execute("INSERT INTO contexts (rowid, id, base, depth, atom_index, data) VALUES (?, ?, ?, ?, ?, ?)",
+                           (10 * rowid + 5, cid, base, depth, atomindex.build(ctx), data))
+        _old_text_index(db, contexts, covering=covering)
+    finally:
+        db.close()
+
+
+def test_a_schema_3_store_opens_upgraded_keeping_each_rows_order_and_its_index(tmp_path, family):
+    r, a, b, c = family
+    path = tmp_path / "v3.db"
+    _make_v3_store(path, [r, a, b, c])
+    s = SQLiteContextStore(path)
+    try:
+        assert s._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
+        assert s._db.execute("SELECT seq, id FROM contexts ORDER BY seq").fetchall() == [
+            (5, bytes.fromhex(r.id)), (15, bytes.fromhex(a.id)), (25, bytes.fromhex(b.id)), (35, bytes.fromhex(c.id))]
+        assert list(s.fsck()) == []
+        assert s.text_index_state() == fulltext.CURRENT and s.index_text_page() == 0
+        assert s.text_ranks("fact").keys() == {x.content_hash for x in (atom("root fact"), atom("a fact"),
+                                                                         atom("b fact", 0.3), atom("c fact"))}
+        later = delta(c, atom("stored after the upgrade"))
+        s.put(later)
+        assert s._db.execute("SELECT seq FROM contexts WHERE id = ?", (bytes.fromhex(later.id),)).fetchone() == (36,)
+        assert s.text_index_state() == fulltext.BEHIND
+        assert atom("stored after the upgrade").content_hash in s.text_ranks("upgrade")
+    finally:
+        s.close()
+
+
+def test_a_schema_3_store_whose_index_fell_behind_rebuilds_it_on_first_use(tmp_path, family):
+    # Version-1 markers count contexts: one short of the table cannot say
+    # which context is missing, so the index is stale, not merely behind.
+    r, a, b, c = family
+    path = tmp_path / "v3.db"
+    _make_v3_store(path, [r, a, b, c], covering=3)
+    s = SQLiteContextStore(path)
+    try:
+        assert s.text_index_state() == fulltext.STALE
+        assert atom("c fact").content_hash in s.text_ranks("fact")
+        assert s.text_index_state() == fulltext.CURRENT
+        assert s._db.execute("SELECT value FROM meta WHERE key = 'fulltext'").fetchone() == ("2 35",)
+    finally:
+        s.close()
+
+
+def test_seq_is_the_rowid_so_vacuum_keeps_it(tmp_path, family):
+    """The full-text index's position is a seq: VACUUM may renumber an
+    implicit rowid (closing gaps), never an INTEGER PRIMARY KEY."""
+    r, a, b, c = family
+    path = tmp_path / "s.db"
+    s = SQLiteContextStore(path)
+    try:
+        s.put_many([r, a])
+        s.text_ranks("fact")  # the index covers r and a
+        with s._transaction():  # b stored after a gap (as if rows in between were lost)
+            s._db.execute("INSERT INTO contexts (seq, id, base, depth, atom_index, data) VALUES (100, ?, ?, 2, ?, ?)",
+                          (bytes.fromhex(b.id), bytes.fromhex(a.id), atomindex.build(b), encode_context(b)))
+        s._db.execute("VACUUM")
+        assert s._db.execute("SELECT seq FROM contexts WHERE id = ?", (bytes.fromhex(b.id),)).fetchone() == (100,)
+        assert s.text_index_state() == fulltext.BEHIND
+        assert atom("b fact", 0.3).content_hash in s.text_ranks("fact")
+        s.put(c)
+        assert s._db.execute("SELECT seq FROM contexts WHERE id = ?", (bytes.fromhex(c.id),)).fetchone() == (101,)
+        assert list(s.fsck()) == []
+    finally:
+        s.close()
