@@ -277,7 +277,10 @@ class PeerSession:
         self.info.root = hello.root
         self.node.note_sync(self.info)
         self._unwatch = self.node.watch(self._on_local_change)
-        if hello.root != self.node.root():
+        if hello.root != self.node.root() and (self.dialer or not self.pull):
+            # One reconciliation tells both sides what they lack, and under
+            # version 2 each asks for its part: the dialer starts it. (The
+            # listener reconciles on its own at anti-entropy, or on a ROOT.)
             self._want_sync.set()
         if self.conn.our_hello.root != self.node.root():
             self._announce.set()  # our root moved on since our HELLO was made

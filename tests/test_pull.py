@@ -133,3 +133,26 @@ async def test_a_holder_does_not_reconcile_on_every_root_of_a_peer_taking_its_re
         # drained: not one per stored message (20 of them).
         assert started[holder.node_id] <= 2
         nursery.cancel_scope.cancel()
+
+
+async def test_peers_that_meet_reconcile_once_and_both_take_what_they_lack(tmp_path, monkeypatch):
+    started: collections.Counter[str] = collections.Counter()
+    initiate = PeerSession._initiate
+
+    async def counted(self):
+        started[self.node.node_id] += 1
+        await initiate(self)
+
+    monkeypatch.setattr(PeerSession, "_initiate", counted)
+    async with trio.open_nursery() as nursery:
+        listener = await start_node(nursery, tmp_path, "listener")
+        dialer_home_only = await start_node(nursery, tmp_path, "dialer")
+        await listener.add_contexts([context(f"listener's {i}") for i in range(30)])
+        await dialer_home_only.add_contexts([context(f"dialer's {i}") for i in range(20)])
+        nursery.start_soon(dialer_home_only._dial_forever, listener.listen_address, "static")
+        await wait_converged([listener, dialer_home_only])
+        for node in (listener, dialer_home_only):
+            assert len(node.index) == 50
+        # The dialer's reconciliation served both: each asked for its part.
+        assert started == {dialer_home_only.node_id: 1}
+        nursery.cancel_scope.cancel()
