@@ -285,16 +285,19 @@ class Objects:
     """Contexts as (id, canonical bytes) pairs, parents first. Flow-controlled.
 
     The receiver re-hashes each object and refuses the message if any id
-    does not match its bytes.
+    does not match its bytes. Under version 2 `ids` may be left out (empty):
+    an id is the SHA-256 of the bytes, so the receiver derives it, and what
+    it asked for is satisfied only by bytes that hash to it (32 bytes per
+    object less on the wire: a fifth of a small context).
     """
 
     TYPE: ClassVar = MessageType.OBJECTS
-    ids: tuple[bytes, ...] = attrs.field(validator=_ids(MAX_OBJECTS_PER_MESSAGE))
     objects: tuple[bytes, ...] = attrs.field(validator=_max_len(MAX_OBJECTS_PER_MESSAGE))
+    ids: tuple[bytes, ...] = attrs.field(default=(), validator=_ids(MAX_OBJECTS_PER_MESSAGE))
     final: bool = False
 
     def __attrs_post_init__(self) -> None:
-        if len(self.ids) != len(self.objects):
+        if self.ids and len(self.ids) != len(self.objects):
             raise ValueError(f"{len(self.ids)} ids for {len(self.objects)} objects")
 
 
@@ -329,6 +332,11 @@ for _cls in (PushContext, Want):
         _cls,
         cattrs.gen.make_dict_unstructure_fn(_cls, codec.converter, more=cattrs.gen.override(omit_if_default=True)),
     )
+# OBJECTS with ids (version 1, and pushes to version 1 peers) as before.
+codec.converter.register_unstructure_hook(
+    Objects,
+    cattrs.gen.make_dict_unstructure_fn(Objects, codec.converter, ids=cattrs.gen.override(omit_if_default=True)),
+)
 
 
 @_frozen

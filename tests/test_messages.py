@@ -288,9 +288,20 @@ def test_an_array_field_accepts_only_an_array(msg_type, fields):
     assert_decode_error(msg_type, raw)
 
 
-@pytest.mark.parametrize(("ids", "blobs"), [([ID1], [b"a", b"b"]), ([ID1, ID2], [b"a"]), ([], [b"a"]), ([ID1], [])])
-def test_objects_needs_one_id_per_object(ids, blobs):
+@pytest.mark.parametrize(("ids", "blobs"), [([ID1], [b"a", b"b"]), ([ID1, ID2], [b"a"]), ([ID1], [])])
+def test_objects_needs_one_id_per_object_or_none(ids, blobs):
     assert_decode_error(MessageType.OBJECTS, {"ids": ids, "objects": blobs, "final": False})
+
+
+def test_objects_without_ids_leave_the_key_out_and_decode_as_such():
+    # Version 2: the receiver derives each id from the bytes.
+    message = Objects(objects=(b"a", b"b"), final=True)
+    payload = encode_payload(message)
+    assert b"ids" not in payload
+    assert decode_payload(MessageType.OBJECTS, payload) == message
+    assert decode_payload(MessageType.OBJECTS, msgpack.packb({"ids": [], "objects": [b"a"]})).ids == ()
+    with_ids = encode_payload(Objects(ids=(ID1,), objects=(b"a",)))
+    assert decode_payload(MessageType.OBJECTS, with_ids).ids == (ID1,)
 
 
 @pytest.mark.parametrize("msg_type", list(MessageType), ids=lambda t: t.name)
