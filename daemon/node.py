@@ -138,15 +138,20 @@ class Node(PeerTable):
         written (receiving is paused, see _watch_store), MissingBase (or its
         MissingTarget) and DecodeError for objects that cannot be stored.
         """
+        return (await self.add_received(blobs))[0]
+
+    async def add_received(self, blobs: Sequence[bytes]) -> tuple[list[str], int]:
+        """add_encoded, and how many of the objects were new here."""
         ref_positions = [k for k, blob in enumerate(blobs) if refs.is_ref_update_bytes(blob)]
         ids = await self._put(self.store.put_encoded, blobs)
         # Ids come back one per blob, in order: no second hash to tell which are new.
-        new_refs = [blobs[k] for k in ref_positions if not self.holds(bytes.fromhex(ids[k]))]
+        new = {i for i in ids if not self.holds(bytes.fromhex(i))}
+        new_refs = [blobs[k] for k in ref_positions if ids[k] in new]
         self._stored(ids)
         if new_refs:
             # Stored and verified: decoding again is only unpacking.
             self._refs_changed(sorted({refs.decode_update(b, verify=False).name for b in new_refs}))
-        return ids
+        return ids, len(new)
 
     async def add_batches(self, batches: Callable[[], Iterable[Sequence[bytes]]]) -> list[str]:
         """Verify and store contexts written here (no ref updates), read

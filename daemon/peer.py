@@ -3,15 +3,10 @@
 Tasks of a session, all in its own nursery:
   reader     bytes -> Connection events -> dispatch (answers PING, feeds
              reconcilers, queues received OBJECTS for the storer)
-  storer     verifies and commits received objects, then grants credit and ACKs
+  fetcher, pusher, storer
+             the objects half: asking, pushing, storing (daemon/transfer.py)
   syncer     initiates a reconciliation whenever the roots differ (on a ROOT
              announce, after a local change, and every anti-entropy period)
-  pusher     sends what the peer lacks, parents first and ref updates
-             after the contexts they target, never more than the peer's
-             credit allows: what reconciliation found it lacks (protocol
-             version 1), or what it asked for with WANT (version 2)
-  fetcher    (version 2) asks the peer for what reconciliation found we
-             lack and no other session is bringing (daemon/fetches.py)
   keepalive  PINGs an idle link, announces our root when it changes, drops
              a peer that has been silent too long
   writer     the only task that writes to the socket: control frames first
@@ -29,19 +24,18 @@ import collections
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import trio
 
 from daemon import tls
 from daemon.logs import RateLimitedLog, forget_traceback as _forget_traceback
 from daemon.synclog import SyncReport, SyncTally
+from daemon.transfer import ObjectTransfer, PushRefused
 from sync import reconcile
 from sync.connection import NEED_DATA, Connection, ConnectionClosed, Received
 from sync.errors import ErrorCode, RemoteProtocolError
 from sync.messages import (
-    MAX_IDS_PER_MESSAGE,
-    MAX_OBJECTS_PER_MESSAGE,
     PULL_VERSION,
     Ack,
     Credit,
@@ -57,18 +51,11 @@ from sync.messages import (
     Want,
     encode_payload,
 )
-from sync.store import MissingBase, StoreError, StoreUnavailable
-from sync.codec import DecodeError
 
 log = logging.getLogger(__name__)
 _warn = RateLimitedLog(log)
 _errors = RateLimitedLog(log, interval=600.0)  # internal errors: once per class per 10 min
 
-# Target payload of one OBJECTS message: big enough to amortise the
-# per-message commit (one SQLite transaction + fsync: at 1 MiB it was one
-# fsync per large context), small enough that four fit the default stream
-# window, so credit keeps coming. Never above the peer's max flow message.
-OBJECTS_BATCH_BYTES = 4 * 1024 * 1024
 # Control frames queued while the peer reads nothing. Honest use stays far
 # below this (a CREDIT is 16 bytes, an ACK of 4096 ids 128 KiB); a peer that
 # stops reading for good is dropped rather than buffered for.
@@ -78,11 +65,6 @@ MAX_CONTROL_BACKLOG = 4 * 1024 * 1024
 RECONCILE_STEP_TIMEOUT = 30.0
 # How long GOODBYE may take on the way out.
 CLOSE_DEADLINE = 1.0
-# WANT bytes queued for the writer at once: a request of a million ids is
-# 32 MB of WANTs, handed to the writer as it drains (8 messages at a time)
-# rather than all at once past MAX_CONTROL_BACKLOG.
-WANT_BACKLOG = 1024 * 1024
-
 
 def _first_cause(group: BaseExceptionGroup) -> BaseException:
     for leaf in _leaves(group):
@@ -108,10 +90,6 @@ class PeerGone(Exception):
 
 class Duplicate(PeerGone):
     pass
-
-
-class PushRefused(Exception):
-    """The peer refused a push while it waited for credit (never leaves _push)."""
 
 
 async def run_session(node, stream: trio.abc.Stream, info, *, dialer: bool) -> None:
@@ -169,7 +147,7 @@ def _map_failure(session: PeerSession, info, exc: Exception) -> bytes:
     return b""
 
 
-class PeerSession:
+class PeerSession(ObjectTransfer):
     def __init__(self, node, stream: trio.abc.Stream, info, *, dialer: bool) -> None:
         self.node = node
         self.stream = stream
@@ -191,32 +169,9 @@ class PeerSession:
         self._last_heard = trio.current_time()
         self._replies: dict[int, trio.MemorySendChannel] = {}  # our reconcile streams
         self._responders: dict[int, reconcile.Reconciler] = {}
-        # Ids pushed (or queued to push) and not yet acknowledged: a second
-        # reconciliation while a push is under way must not send them again.
-        self._unacked: set[bytes] = set()
-        # (Version 2) a reconciliation put off while the peer takes what it
-        # asked for: its new roots mean it is storing, not that we lack
-        # anything; it asks again itself when it has reconciled.
-        self._sync_after_push = False
-        self._pushing: dict[int, set[bytes]] = {}  # our push streams -> their unacked ids
-        # Received OBJECTS for the storer. Not a bounded channel: the reader
-        # must never block; their bytes are bounded by our receive window.
-        self._received: collections.deque[tuple[int, int, Objects]] = collections.deque()
-        self._received_wake = trio.Event()
-        # Ids reconciliation found the peer lacks, waiting for the pusher.
-        # A set, not a bounded channel: a responder's reconciliation ends in
-        # the reader, which must never wait (it carries the CREDITs the
-        # pusher itself waits for). Bounded by the ids we hold.
-        self._to_push: set[bytes] = set()
-        self._push_wake = trio.Event()
         # Protocol version 2 (objects on request), known once HELLOs are in.
         self.pull = False
-        # Ids we claimed (node.fetches) and have yet to ask the peer for.
-        self._wants: collections.deque[bytes] = collections.deque()
-        self._wants_wake = trio.Event()
-        # The peer's request so far (its WANTs with `more`); ids we hold only,
-        # so bounded by our store.
-        self._requested: set[bytes] = set()
+        self._init_transfer()
         self._unwatch = None
         self._registered = False
         self._scope = trio.CancelScope()
@@ -481,17 +436,9 @@ class PeerSession:
         elif isinstance(message, Reconcile):
             await self._on_reconcile(stream_id, message)
         elif isinstance(message, Objects):
-            self._received.append((stream_id, event.size, message))
-            self._received_wake.set()
+            self._on_objects(stream_id, event.size, message)
         elif isinstance(message, Ack):
-            self.info.objects_sent += len(message.ids)
-            self._unacked.difference_update(message.ids)
-            self._maybe_push_drained()
-            pending = self._pushing.get(stream_id)
-            if pending is not None:
-                pending.difference_update(message.ids)
-                if not pending:
-                    del self._pushing[stream_id]
+            self._on_ack(stream_id, message)
         elif isinstance(message, Credit):
             self._credit.set()
         elif isinstance(message, Want) and self.pull:
@@ -503,13 +450,7 @@ class PeerSession:
             if channel is not None:
                 channel.close()
             self._end_responder(stream_id)  # the initiator gave up on its session
-            # A refused push: those ids go back to "not sent", for the next
-            # round; the pusher stops sending on that stream (see _push).
-            refused = self._pushing.pop(stream_id, None)
-            if refused is not None:
-                self._unacked -= refused
-                self._maybe_push_drained()
-                self._credit.set()
+            self._on_push_refused(stream_id)
             if message.code == ErrorCode.RETRY:
                 log.debug("peer %s: stream %d: %s", self.info.address, stream_id, message.message)
                 return
@@ -572,51 +513,7 @@ class PeerSession:
         if reconciler.peer_root is not None and not reconciler.to_request and not reconciler.to_send:
             self.info.root = reconciler.peer_root
             self._note_sync()
-        if self.pull:
-            # What we lack, we ask for: unless another session brings it.
-            missing = (i for i in reconciler.to_request if not self.node.holds(i))
-            claimed = self.node.fetches.claim(self, missing, trio.current_time())
-            if claimed:
-                self._wants.extend(claimed)
-                self._wants_wake.set()
-        else:
-            # The peer's own reconciler found what we lack; it pushes that.
-            self._send_soon(reconciler.to_send)
-
-    def _send_soon(self, ids: Iterable[bytes]) -> None:
-        """Hand ids to the pusher, but none already sent and not yet ACKed."""
-        fresh = set(ids) - self._unacked
-        if fresh:
-            self._unacked |= fresh
-            self._to_push |= fresh
-            self._push_wake.set()
-
-    def _maybe_push_drained(self) -> None:
-        if self._sync_after_push and not self._unacked:
-            self._sync_after_push = False
-            self._want_sync.set()
-
-    def _on_want(self, message: Want) -> None:
-        # Ids we do not hold are left out: reconciliation said we did, so
-        # they are rare (the peer's claim on them runs out, see fetches).
-        self._requested.update(i for i in message.ids if self.node.holds(i))
-        if not message.more:
-            # The whole request at once, so that the pusher orders it
-            # parents first (a base in a later WANT would come too late).
-            requested, self._requested = self._requested, set()
-            self._send_soon(requested)
-
-    async def _fetcher(self) -> None:
-        """Ask the peer for what we claimed, as WANTs the writer can take."""
-        while True:
-            while not self._wants:
-                self._wants_wake = trio.Event()
-                await self._wants_wake.wait()
-            count = min(len(self._wants), MAX_IDS_PER_MESSAGE)
-            ids = tuple(self._wants.popleft() for _ in range(count))
-            await self.send(Want(ids=ids, more=bool(self._wants)))
-            while self._control_bytes > WANT_BACKLOG:
-                await self._writer_idle.wait()
+        self._take_result(reconciler)
 
     async def _syncer(self) -> None:
         while True:
@@ -626,8 +523,7 @@ class PeerSession:
             if self.info.root == self.node.root():
                 self._note_sync()
                 continue
-            if self.pull and self._unacked:
-                self._sync_after_push = True
+            if self._serving_request():
                 continue
             async with self.node.sync_turn():
                 # What another session brought meanwhile may have made
@@ -676,117 +572,6 @@ class PeerSession:
             self._replies.pop(stream_id, None)
             self.conn.close_stream(stream_id)
         self._reconciled(reconciler)
-
-    # ------------------------------------------------------------ objects
-
-    async def _pusher(self) -> None:
-        while True:
-            while not self._to_push:
-                self._push_wake = trio.Event()
-                await self._push_wake.wait()
-            ids, self._to_push = self._to_push, set()
-            await self._push(ids)
-
-    async def _push(self, ids: Iterable[bytes]) -> None:
-        # The whole set in parents-first order, then bytes one message at a
-        # time: a base always travels before its children (and a context
-        # before the ref updates that target it), and the sender holds one
-        # message of bytes, not everything it has to send.
-        order = await self.node.run_sync(self.node.store.send_order, [i.hex() for i in ids])
-        limit = min(OBJECTS_BATCH_BYTES, self.conn.max_flow_message - 64 * 1024)
-        too_large = [cid for cid, length in order if length + 1024 > limit]
-        if too_large:
-            # Its window can never take them (a peer may grant as little as
-            # 64 KiB): waiting for that credit would stop this pusher for good.
-            self.info.error = f"the peer's window is too small for {len(too_large)} contexts (e.g. {too_large[0][:12]})"
-            _warn.warning(f"{self.info.address}:window", "peer %s: %s", self.info.address, self.info.error)
-            skipped = {bytes.fromhex(cid) for cid in too_large}
-            self._unacked -= skipped
-            self._maybe_push_drained()
-            order = [(cid, length) for cid, length in order if bytes.fromhex(cid) not in skipped]
-            if not order:
-                return
-        batches: list[list[str]] = [[]]
-        size = 0
-        for cid, length in order:
-            if batches[-1] and (size + length > limit or len(batches[-1]) >= MAX_OBJECTS_PER_MESSAGE):
-                batches.append([])
-                size = 0
-            batches[-1].append(cid)
-            size += length + 40
-        stream_id = self.conn.open_stream()
-        self._pushing[stream_id] = {bytes.fromhex(cid) for cid, _ in order}
-        refused = lambda: stream_id not in self._pushing  # noqa: E731  (ERROR on the stream)
-        for number, batch in enumerate(batches, 1):
-            if refused():
-                break  # send no more of a push the peer refused
-            blobs = await self.node.run_sync(self.node.store.get_many_bytes, batch)
-            # A version 2 peer derives the ids from the bytes (a fifth of a
-            # small context's size less on the wire).
-            ids = () if self.pull else tuple(bytes.fromhex(c) for c in batch)
-            message = Objects(ids=ids, objects=tuple(blobs), final=number == len(batches))
-            try:
-                await self.send_flow(message, stream_id, refused=refused)
-            except PushRefused:
-                break
-            self._tally.sent(len(batch), sum(map(len, blobs)), trio.current_time())
-        self.conn.close_stream(stream_id)  # ACKs still arrive; credit for it is moot
-
-    async def _storer(self) -> None:
-        while True:
-            while not self._received:
-                self._received_wake = trio.Event()
-                await self._received_wake.wait()
-            await self._store(*self._received.popleft())
-
-    async def _store(self, stream_id: int, size: int, message: Objects) -> None:
-        from sync.codec import bytes_id
-
-        # Ids left out (version 2): each is the hash of its bytes.
-        given = message.ids or tuple(bytes.fromhex(bytes_id(d)) for d in message.objects)
-        bad = next((i for i, d in zip(message.ids, message.objects) if bytes_id(d) != i.hex()), None)
-        if bad is not None:
-            # Corrupted or forged: refuse the whole message, store nothing.
-            await self._release(stream_id, size)
-            await self.answer(Error(code=int(ErrorCode.INVALID_OBJECT), message=f"object {bad.hex()} does not match its bytes"), stream_id)
-            self.info.error = f"peer sent object {bad.hex()[:12]} whose bytes do not match its id"
-            _warn.warning(f"{self.info.address}:invalid", "peer %s: %s", self.info.address, self.info.error)
-            self.conn.close_stream(stream_id)
-            return
-        fresh = sum(1 for i in set(given) if not self.node.holds(i))
-        try:
-            ids = await self.node.add_encoded(list(message.objects))
-        except (StoreError, DecodeError) as exc:
-            # What we asked this peer for may be asked again, of it or of
-            # another, at the next reconciliation: not at once, which for a
-            # missing base would ask for the same again until the base came.
-            # (A base that arrives changes our root: peers reconcile then.)
-            self.node.release_fetches(self, resync=False)
-            await self._release(stream_id, size)
-            if isinstance(exc, StoreUnavailable):
-                code = ErrorCode.UNAVAILABLE  # it resends once we reconcile again (Node._watch_store)
-            elif isinstance(exc, MissingBase):
-                code = ErrorCode.MISSING_BASE  # MissingTarget too: a ref update before its context
-            else:
-                # Not canonical, too large, or a ref update whose signature
-                # fails (forged): nothing of the message was stored.
-                code = ErrorCode.INVALID_OBJECT
-                self.info.error = f"peer sent an invalid object: {str(exc)[:200]}"
-                _warn.warning(f"{self.info.address}:invalid", "peer %s: %s", self.info.address, self.info.error)
-            await self.answer(Error(code=int(code), message=str(exc)[:1000]), stream_id)
-            self.conn.close_stream(stream_id)
-            return
-        self.node.fetches.progressed(self, trio.current_time())
-        self.info.objects_received += fresh
-        self._tally.received(fresh, sum(map(len, message.objects)), trio.current_time())
-        await self._release(stream_id, size)
-        await self.answer(Ack(ids=tuple(bytes.fromhex(i) for i in ids)), stream_id)
-        if message.final:
-            self.conn.close_stream(stream_id)
-
-    async def _release(self, stream_id: int, size: int) -> None:
-        self._queue(self.conn.release(stream_id, size))
-        await trio.lowlevel.checkpoint()
 
     # ------------------------------------------------------------ liveness
 

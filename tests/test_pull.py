@@ -112,9 +112,9 @@ async def test_a_holder_does_not_reconcile_on_every_root_of_a_peer_taking_its_re
     # Small messages: the request arrives as many commits, each a new root
     # the taker announces. Those roots tell the holder nothing it needs to
     # reconcile for; the taker asks for anything else itself.
-    import daemon.peer
+    import daemon.transfer
 
-    monkeypatch.setattr(daemon.peer, "MAX_OBJECTS_PER_MESSAGE", 50)
+    monkeypatch.setattr(daemon.transfer, "MAX_OBJECTS_PER_MESSAGE", 50)
     started: collections.Counter[str] = collections.Counter()
     initiate = PeerSession._initiate
 
@@ -155,4 +155,63 @@ async def test_peers_that_meet_reconcile_once_and_both_take_what_they_lack(tmp_p
             assert len(node.index) == 50
         # The dialer's reconciliation served both: each asked for its part.
         assert started == {dialer_home_only.node_id: 1}
+        nursery.cancel_scope.cancel()
+
+
+async def _slow_first_commit(monkeypatch, node: Node, calls: list[int], poison: set[str] = frozenset()):
+    """The node's first received commit takes a while (so the rest of the
+    push queues up behind it); a commit with a poisoned blob is refused."""
+    from sync.codec import bytes_id
+    from sync.store import StoreError
+
+    add = node.add_received
+
+    async def slow(blobs):
+        calls.append(len(blobs))
+        if len(calls) == 1:
+            await trio.sleep(0.5)
+        if poison & {bytes_id(b) for b in blobs}:
+            raise StoreError("poisoned")
+        return await add(blobs)
+
+    monkeypatch.setattr(node, "add_received", slow)
+
+
+async def test_messages_that_queue_behind_a_commit_are_committed_together(tmp_path, monkeypatch):
+    import daemon.transfer
+
+    monkeypatch.setattr(daemon.transfer, "MAX_OBJECTS_PER_MESSAGE", 50)
+    async with trio.open_nursery() as nursery:
+        holder = await start_node(nursery, tmp_path, "holder")
+        ids = await holder.add_contexts([context(f"bulk {i}") for i in range(1000)])
+        taker = await start_node(nursery, tmp_path, "taker")
+        calls: list[int] = []
+        await _slow_first_commit(monkeypatch, taker, calls)
+        nursery.start_soon(taker._dial_forever, holder.listen_address, "static")
+        await wait_converged([holder, taker])
+        assert await taker.run_sync(lambda: sorted(taker.store.ids())) == sorted(ids)
+        assert sum(calls) == 1000 and len(calls) < 20  # 20 messages, fewer commits
+        assert _sent_to([holder], taker.node_id) == 1000  # every message ACKed
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_message_in_a_joint_commit_costs_only_itself(tmp_path, monkeypatch):
+    import daemon.transfer
+
+    monkeypatch.setattr(daemon.transfer, "MAX_OBJECTS_PER_MESSAGE", 50)
+    async with trio.open_nursery() as nursery:
+        holder = await start_node(nursery, tmp_path, "holder")
+        await holder.add_contexts([context(f"bulk {i}") for i in range(500)])
+        order = [cid for cid, _ in await holder.run_sync(holder.store.send_order, list(holder.store.ids()))]
+        poisoned = set(order[250:300])  # the sixth message of the push
+        taker = await start_node(nursery, tmp_path, "taker")
+        calls: list[int] = []
+        await _slow_first_commit(monkeypatch, taker, calls, poison={order[260]})
+        nursery.start_soon(taker._dial_forever, holder.listen_address, "static")
+        with trio.fail_after(30):
+            while len(taker.index) < 450:
+                await trio.sleep(0.01)
+        held = set(await taker.run_sync(lambda: list(taker.store.ids())))
+        assert held == set(order) - poisoned
+        assert any(n > 50 for n in calls)  # it was tried jointly first
         nursery.cancel_scope.cancel()

@@ -1,0 +1,294 @@
+"""The objects half of a peer session: asking, pushing and storing.
+
+`PeerSession` (daemon/peer.py) owns the connection, the reconciliations and
+the tasks; this mixin is what it does with their results:
+
+  fetcher  (protocol version 2) asks the peer for what reconciliation found
+           we lack and no other session is bringing (daemon/fetches.py),
+           as WANT requests the writer can take
+  pusher   sends what the peer lacks, parents first and ref updates after
+           the contexts they target, never more than the peer's credit
+           allows: what it asked for (version 2), or what reconciliation
+           found it lacks (version 1)
+  storer   verifies and commits received objects, then grants credit and
+           ACKs; what arrived while it committed goes into the next
+           commit together (one transaction and fsync for all of it)
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Iterable
+
+import trio
+
+from daemon.logs import RateLimitedLog
+from sync import reconcile
+from sync.codec import DecodeError, bytes_id
+from sync.errors import ErrorCode
+from sync.messages import MAX_IDS_PER_MESSAGE, MAX_OBJECTS_PER_MESSAGE, Ack, Error, Objects, Want
+from sync.store import MissingBase, StoreError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+_warn = RateLimitedLog(log)
+
+# Target payload of one OBJECTS message: big enough to amortise the
+# per-message work, small enough that four fit the default stream window,
+# so credit keeps coming. Never above the peer's max flow message.
+OBJECTS_BATCH_BYTES = 4 * 1024 * 1024
+# WANT bytes queued for the writer at once: a request of a million ids is
+# 32 MB of WANTs, handed to the writer as it drains (8 messages at a time)
+# rather than all at once past the session's control backlog.
+WANT_BACKLOG = 1024 * 1024
+
+
+class PushRefused(Exception):
+    """The peer refused a push while it waited for credit (never leaves _push)."""
+
+
+# One received OBJECTS message waiting for the storer: (stream, its payload
+# size, to credit back once stored, the message).
+_Received = tuple[int, int, Objects]
+
+
+class ObjectTransfer:
+    """Mixed into PeerSession; uses its node, conn, info, send* and writer state."""
+
+    def _init_transfer(self) -> None:
+        # Ids pushed (or queued to push) and not yet acknowledged: a second
+        # reconciliation while a push is under way must not send them again.
+        self._unacked: set[bytes] = set()
+        # (Version 2) a reconciliation put off while the peer takes what it
+        # asked for: its new roots mean it is storing, not that we lack
+        # anything; it asks again itself when it has reconciled.
+        self._sync_after_push = False
+        self._pushing: dict[int, set[bytes]] = {}  # our push streams -> their unacked ids
+        # Received OBJECTS for the storer. Not a bounded channel: the reader
+        # must never block; their bytes are bounded by our receive window.
+        self._received: collections.deque[_Received] = collections.deque()
+        self._received_wake = trio.Event()
+        # Ids the peer lacks, waiting for the pusher. A set, not a bounded
+        # channel: a responder's reconciliation ends in the reader, which
+        # must never wait (it carries the CREDITs the pusher itself waits
+        # for). Bounded by the ids we hold.
+        self._to_push: set[bytes] = set()
+        self._push_wake = trio.Event()
+        # Ids we claimed (node.fetches) and have yet to ask the peer for.
+        self._wants: collections.deque[bytes] = collections.deque()
+        self._wants_wake = trio.Event()
+        # The peer's request so far (its WANTs with `more`); ids we hold only,
+        # so bounded by our store.
+        self._requested: set[bytes] = set()
+
+    # ------------------------------------------------------------ after a reconciliation
+
+    def _take_result(self, reconciler: reconcile.Reconciler) -> None:
+        if self.pull:
+            # What we lack, we ask for: unless another session brings it.
+            missing = (i for i in reconciler.to_request if not self.node.holds(i))
+            claimed = self.node.fetches.claim(self, missing, trio.current_time())
+            if claimed:
+                self._wants.extend(claimed)
+                self._wants_wake.set()
+        else:
+            # The peer's own reconciler found what we lack; it pushes that.
+            self._send_soon(reconciler.to_send)
+
+    def _send_soon(self, ids: Iterable[bytes]) -> None:
+        """Hand ids to the pusher, but none already sent and not yet ACKed."""
+        fresh = set(ids) - self._unacked
+        if fresh:
+            self._unacked |= fresh
+            self._to_push |= fresh
+            self._push_wake.set()
+
+    def _serving_request(self) -> bool:
+        """(Version 2) the peer is taking what it asked for: its new roots
+        are that, and we reconcile once the push is ACKed (if they differ)."""
+        if self.pull and self._unacked:
+            self._sync_after_push = True
+            return True
+        return False
+
+    def _push_drained(self) -> None:
+        if self._sync_after_push and not self._unacked:
+            self._sync_after_push = False
+            self.resync()
+
+    # ------------------------------------------------------------ messages from the reader
+
+    def _on_objects(self, stream_id: int, size: int, message: Objects) -> None:
+        self._received.append((stream_id, size, message))
+        self._received_wake.set()
+
+    def _on_ack(self, stream_id: int, message: Ack) -> None:
+        self.info.objects_sent += len(message.ids)
+        self._unacked.difference_update(message.ids)
+        self._push_drained()
+        pending = self._pushing.get(stream_id)
+        if pending is not None:
+            pending.difference_update(message.ids)
+            if not pending:
+                del self._pushing[stream_id]
+
+    def _on_push_refused(self, stream_id: int) -> None:
+        # Those ids go back to "not sent", for the next round; the pusher
+        # stops sending on that stream (see _push).
+        refused = self._pushing.pop(stream_id, None)
+        if refused is not None:
+            self._unacked -= refused
+            self._push_drained()
+            self._credit.set()
+
+    def _on_want(self, message: Want) -> None:
+        # Ids we do not hold are left out: reconciliation said we did, so
+        # they are rare (the peer's claim on them runs out, see fetches).
+        self._requested.update(i for i in message.ids if self.node.holds(i))
+        if not message.more:
+            # The whole request at once, so that the pusher orders it
+            # parents first (a base in a later WANT would come too late).
+            requested, self._requested = self._requested, set()
+            self._send_soon(requested)
+
+    # ------------------------------------------------------------ tasks
+
+    async def _fetcher(self) -> None:
+        """Ask the peer for what we claimed, as WANTs the writer can take."""
+        while True:
+            while not self._wants:
+                self._wants_wake = trio.Event()
+                await self._wants_wake.wait()
+            count = min(len(self._wants), MAX_IDS_PER_MESSAGE)
+            ids = tuple(self._wants.popleft() for _ in range(count))
+            await self.send(Want(ids=ids, more=bool(self._wants)))
+            while self._control_bytes > WANT_BACKLOG:
+                await self._writer_idle.wait()
+
+    async def _pusher(self) -> None:
+        while True:
+            while not self._to_push:
+                self._push_wake = trio.Event()
+                await self._push_wake.wait()
+            ids, self._to_push = self._to_push, set()
+            await self._push(ids)
+
+    async def _push(self, ids: Iterable[bytes]) -> None:
+        # The whole set in parents-first order, then bytes one message at a
+        # time: a base always travels before its children (and a context
+        # before the ref updates that target it), and the sender holds one
+        # message of bytes, not everything it has to send.
+        order = await self.node.run_sync(self.node.store.send_order, [i.hex() for i in ids])
+        limit = min(OBJECTS_BATCH_BYTES, self.conn.max_flow_message - 64 * 1024)
+        too_large = [cid for cid, length in order if length + 1024 > limit]
+        if too_large:
+            # Its window can never take them (a peer may grant as little as
+            # 64 KiB): waiting for that credit would stop this pusher for good.
+            self.info.error = f"the peer's window is too small for {len(too_large)} contexts (e.g. {too_large[0][:12]})"
+            _warn.warning(f"{self.info.address}:window", "peer %s: %s", self.info.address, self.info.error)
+            skipped = {bytes.fromhex(cid) for cid in too_large}
+            self._unacked -= skipped
+            self._push_drained()
+            order = [(cid, length) for cid, length in order if bytes.fromhex(cid) not in skipped]
+            if not order:
+                return
+        batches: list[list[str]] = [[]]
+        size = 0
+        for cid, length in order:
+            if batches[-1] and (size + length > limit or len(batches[-1]) >= MAX_OBJECTS_PER_MESSAGE):
+                batches.append([])
+                size = 0
+            batches[-1].append(cid)
+            size += length + 40
+        stream_id = self.conn.open_stream()
+        self._pushing[stream_id] = {bytes.fromhex(cid) for cid, _ in order}
+        refused = lambda: stream_id not in self._pushing  # noqa: E731  (ERROR on the stream)
+        for number, batch in enumerate(batches, 1):
+            if refused():
+                break  # send no more of a push the peer refused
+            blobs = await self.node.run_sync(self.node.store.get_many_bytes, batch)
+            # A version 2 peer derives the ids from the bytes (a fifth of a
+            # small context's size less on the wire).
+            ids = () if self.pull else tuple(bytes.fromhex(c) for c in batch)
+            message = Objects(ids=ids, objects=tuple(blobs), final=number == len(batches))
+            try:
+                await self.send_flow(message, stream_id, refused=refused)
+            except PushRefused:
+                break
+            self._tally.sent(len(batch), sum(map(len, blobs)), trio.current_time())
+        self.conn.close_stream(stream_id)  # ACKs still arrive; credit for it is moot
+
+    async def _storer(self) -> None:
+        while True:
+            while not self._received:
+                self._received_wake = trio.Event()
+                await self._received_wake.wait()
+            # Everything that arrived while the last commit ran: one
+            # transaction, one fsync. (Bounded by our receive window.)
+            arrived = [self._received.popleft() for _ in range(len(self._received))]
+            checked = [item for item in arrived if await self._check_ids(*item)]
+            if len(checked) > 1 and await self._commit(checked, alone=False):
+                continue
+            for item in checked:  # one at a time, so that a refusal names its message
+                await self._commit([item], alone=True)
+
+    async def _check_ids(self, stream_id: int, size: int, message: Objects) -> bool:
+        """Ids given (version 1) must be the hashes of their bytes; a message
+        with one that is not is refused whole (corrupted or forged)."""
+        bad = next((i for i, d in zip(message.ids, message.objects) if bytes_id(d) != i.hex()), None)
+        if bad is None:
+            return True
+        await self._release(stream_id, size)
+        await self.answer(Error(code=int(ErrorCode.INVALID_OBJECT), message=f"object {bad.hex()} does not match its bytes"), stream_id)
+        self.info.error = f"peer sent object {bad.hex()[:12]} whose bytes do not match its id"
+        _warn.warning(f"{self.info.address}:invalid", "peer %s: %s", self.info.address, self.info.error)
+        self.conn.close_stream(stream_id)
+        return False
+
+    async def _commit(self, items: list[_Received], *, alone: bool) -> bool:
+        """Store the messages' objects in one transaction, then credit and
+        ACK each message. False if it failed and not `alone` (nothing is
+        stored; the caller stores them one by one to say which failed)."""
+        try:
+            ids, fresh = await self.node.add_received([blob for _s, _z, m in items for blob in m.objects])
+        except (StoreError, DecodeError) as exc:
+            if not alone:
+                return False
+            await self._refuse(*items[0], exc)
+            return True
+        now = trio.current_time()
+        self.node.fetches.progressed(self, now)
+        self.info.objects_received += fresh
+        self._tally.received(fresh, sum(len(b) for _s, _z, m in items for b in m.objects), now)
+        start = 0
+        for stream_id, size, message in items:
+            mine, start = ids[start:start + len(message.objects)], start + len(message.objects)
+            await self._release(stream_id, size)
+            await self.answer(Ack(ids=tuple(bytes.fromhex(i) for i in mine)), stream_id)
+            if message.final:
+                self.conn.close_stream(stream_id)
+        return True
+
+    async def _refuse(self, stream_id: int, size: int, message: Objects, exc: Exception) -> None:
+        # What we asked this peer for may be asked again, of it or of
+        # another, at the next reconciliation: not at once, which for a
+        # missing base would ask for the same again until the base came.
+        # (A base that arrives changes our root: peers reconcile then.)
+        self.node.release_fetches(self, resync=False)
+        await self._release(stream_id, size)
+        if isinstance(exc, StoreUnavailable):
+            code = ErrorCode.UNAVAILABLE  # it resends once we reconcile again (Node._watch_store)
+        elif isinstance(exc, MissingBase):
+            code = ErrorCode.MISSING_BASE  # MissingTarget too: a ref update before its context
+        else:
+            # Not canonical, too large, or a ref update whose signature
+            # fails (forged): nothing of the message was stored.
+            code = ErrorCode.INVALID_OBJECT
+            self.info.error = f"peer sent an invalid object: {str(exc)[:200]}"
+            _warn.warning(f"{self.info.address}:invalid", "peer %s: %s", self.info.address, self.info.error)
+        await self.answer(Error(code=int(code), message=str(exc)[:1000]), stream_id)
+        self.conn.close_stream(stream_id)
+
+    async def _release(self, stream_id: int, size: int) -> None:
+        self._queue(self.conn.release(stream_id, size))
+        await trio.lowlevel.checkpoint()
