@@ -74,6 +74,8 @@ class Fetches:
                 mine.discard(oid)
                 if not mine:
                     del self._claims[owner], self._progress[owner]
+        if not self._owner:
+            self._owner = {}  # a dict keeps its largest size: give a bulk fetch's back
 
     def release(self, who: Hashable) -> int:
         """`who` will bring nothing more (its session ended, or its peer
@@ -82,6 +84,8 @@ class Fetches:
         self._progress.pop(who, None)
         for oid in mine:
             del self._owner[oid]
+        if not self._owner:
+            self._owner = {}
         return len(mine)
 
     def owed(self, who: Hashable | None = None) -> int:
