@@ -138,12 +138,18 @@ class Node(PeerTable):
         written (receiving is paused, see _watch_store), MissingBase (or its
         MissingTarget) and DecodeError for objects that cannot be stored.
         """
-        return (await self.add_received(blobs))[0]
+        return (await self.add_received([blobs]))[0]
 
-    async def add_received(self, blobs: Sequence[bytes]) -> tuple[list[str], int]:
-        """add_encoded, and how many of the objects were new here."""
+    async def add_received(self, batches: Sequence[Sequence[bytes]]) -> tuple[list[str], int]:
+        """add_encoded of the batches' objects in one transaction, decoded a
+        batch at a time (memory for one batch's contexts, not all of them);
+        the ids, and how many of the objects were new here."""
+        blobs = [blob for batch in batches for blob in batch]
         ref_positions = [k for k, blob in enumerate(blobs) if refs.is_ref_update_bytes(blob)]
-        ids = await self._put(self.store.put_encoded, blobs)
+        if len(batches) == 1:
+            ids = await self._put(self.store.put_encoded, batches[0])
+        else:
+            ids = await self._put(self.store.put_encoded_batches, batches)
         # Ids come back one per blob, in order: no second hash to tell which are new.
         new = {i for i in ids if not self.holds(bytes.fromhex(i))}
         new_refs = [blobs[k] for k in ref_positions if ids[k] in new]

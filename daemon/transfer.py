@@ -250,7 +250,7 @@ class ObjectTransfer:
         ACK each message. False if it failed and not `alone` (nothing is
         stored; the caller stores them one by one to say which failed)."""
         try:
-            ids, fresh = await self.node.add_received([blob for _s, _z, m in items for blob in m.objects])
+            ids, fresh = await self.node.add_received([m.objects for _s, _z, m in items])
         except (StoreError, DecodeError) as exc:
             if not alone:
                 return False

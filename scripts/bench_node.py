@@ -154,6 +154,10 @@ def fill_store(path: Path, items: list[tuple[str, bytes, CompressedContext]], ba
             chunk = items[start : start + batch]
             ids = store.put_many([ctx for _, _, ctx in chunk])
             assert ids == [cid for cid, _, _ in chunk]
+        # A's full-text index current, as on a node that has been running:
+        # else A's daemon catches it up during the timed transfer.
+        while store.index_text_page():
+            pass
     finally:
         store.close()
 
