@@ -172,6 +172,7 @@ class ObjectTransfer:
                 await self._push_wake.wait()
             ids, self._to_push = self._to_push, set()
             await self._push(ids)
+            del ids  # not kept while idle (a bulk request's set)
 
     async def _push(self, ids: Iterable[bytes]) -> None:
         # The whole set in parents-first order, then bytes one message at a
@@ -226,11 +227,15 @@ class ObjectTransfer:
             # Everything that arrived while the last commit ran: one
             # transaction, one fsync. (Bounded by our receive window.)
             arrived = [self._received.popleft() for _ in range(len(self._received))]
-            checked = [item for item in arrived if await self._check_ids(*item)]
-            if len(checked) > 1 and await self._commit(checked, alone=False):
-                continue
-            for item in checked:  # one at a time, so that a refusal names its message
-                await self._commit([item], alone=True)
+            await self._store(arrived)
+            del arrived  # an idle storer keeps no messages alive
+
+    async def _store(self, arrived: list[_Received]) -> None:
+        checked = [item for item in arrived if await self._check_ids(*item)]
+        if len(checked) > 1 and await self._commit(checked, alone=False):
+            return
+        for item in checked:  # one at a time, so that a refusal names its message
+            await self._commit([item], alone=True)
 
     async def _check_ids(self, stream_id: int, size: int, message: Objects) -> bool:
         """Ids given (version 1) must be the hashes of their bytes; a message
