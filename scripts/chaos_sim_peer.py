@@ -13,7 +13,8 @@ in trio tasks):
   syncer     `pump` and `tick`: reconcile when the peer's root differs from
              ours (HELLO, ROOT, RETRY, or the anti-entropy period)
   pusher     `_push_more`: what the peer lacks, parents first, one OBJECTS
-             message at a time, never beyond the peer's credit
+             message at a time, never beyond the peer's credit, and no more
+             of a push the peer refused
   keepalive  `pump`: announce ROOT when our root changed
 
 Time is the world's round counter (`Clock.now`): the daemon's seconds
@@ -430,8 +431,13 @@ class SimSession:
         return _Push(stream_id, batches)
 
     def _send_batches(self, push: _Push) -> bool:
-        """Send what credit allows, one whole message at a time; True when all is sent."""
+        """Send what credit allows, one whole message at a time; True when all
+        is sent, or when the peer refused the push (the daemon's `refused()`:
+        it grants no more credit for that stream)."""
         while push.next < len(push.batches):
+            if push.stream_id not in self.pushing:
+                self.stats["pushes_cut_short"] += 1
+                break
             if push.message is None:
                 batch = push.batches[push.next]
                 blobs = self.node.store.get_many_bytes(batch)
