@@ -535,7 +535,7 @@ class SimSession:
             count = min(len(self.wants), SIM_IDS_PER_WANT)
             ids = tuple(self.wants.popleft() for _ in range(count))
             self._send(Want(ids=ids, more=bool(self.wants)))
-            self.stats["wants"] += 1
+            self.stats["wants_with_more" if self.wants else "wants"] += 1
 
     # ------------------------------------------------------------ objects
 
