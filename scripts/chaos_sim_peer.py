@@ -241,6 +241,7 @@ class SimSession:
     def __init__(self, node: SimNode, peer: int, *, dialer: bool, outbox: bytearray, nonces) -> None:
         self.node = node
         self.peer = peer
+        self.dialer = dialer
         self.outbox = outbox
         self.stats = node.stats
         self._nonces = nonces  # seeded: the daemon's os.urandom(16) would break replay
@@ -264,6 +265,9 @@ class SimSession:
         self.requested: set[bytes] = set()  # the peer's request so far (WANTs with `more`)
         # Since when the syncer waits for the node's sync turn (None: it does not).
         self.turn_since: int | None = None
+        # (Version 2) a reconciliation put off while the peer takes what it
+        # asked for: its new roots mean it is storing, not that we lack anything.
+        self.sync_after_push = False
         self.outbox += self.conn.start()
 
     # ------------------------------------------------------------ the world's calls
@@ -292,7 +296,10 @@ class SimSession:
             self.want_sync = False
             self._sync_idle_since = self.node.clock.now
             if self.peer_root != self.node.index.root():
-                if self.node.takes_turns:
+                if self.pull and self.unacked:
+                    self.sync_after_push = True  # until the push is ACKed
+                    self.stats["syncs_after_push"] += 1
+                elif self.node.takes_turns:
                     self.turn_since = self.node.clock.now
                 else:
                     self._initiate()
@@ -388,13 +395,16 @@ class SimSession:
         self.pull = self.conn.version >= PULL_VERSION
         self.stats["sessions_v2" if self.pull else "sessions_v1"] += 1
         self.peer_root = hello.root
-        if hello.root != self.node.index.root():
+        # Under version 2 one reconciliation tells both sides what they
+        # lack and each asks for its part: the dialer starts it.
+        if hello.root != self.node.index.root() and (self.dialer or not self.pull):
             self.want_sync = True
         if self.conn.our_hello.root != self.node.index.root():
             self.announce = True  # our root moved on since our HELLO was made
 
     def _on_ack(self, stream_id: int, message: Ack) -> None:
         self.unacked.difference_update(message.ids)
+        self._maybe_push_drained()
         pending = self.pushing.get(stream_id)
         if pending is not None:
             pending.difference_update(message.ids)
@@ -419,7 +429,10 @@ class SimSession:
             self.want_sync = True  # the peer refused our session: start over
             self._end_initiation(completed=False)
         self._end_responder(stream_id)
-        self.unacked -= self.pushing.pop(stream_id, set())
+        refused = self.pushing.pop(stream_id, None)
+        if refused is not None:
+            self.unacked -= refused
+            self._maybe_push_drained()
 
     # ------------------------------------------------------------ reconciliation
 
@@ -518,6 +531,11 @@ class SimSession:
         if fresh:
             self.unacked |= fresh
             self.to_push |= fresh
+
+    def _maybe_push_drained(self) -> None:
+        if self.sync_after_push and not self.unacked:
+            self.sync_after_push = False
+            self.want_sync = True
 
     def _on_want(self, message: Want) -> None:
         held = [i for i in message.ids if self.node.holds(i)]
