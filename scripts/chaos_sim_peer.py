@@ -23,8 +23,10 @@ current daemon: its sessions with version 2 peers ask for what they lack
 (WANT) and push only what they are asked for, each missing object is
 claimed by one session of the node (the daemon's own `daemon.fetches.Fetches`),
 and a session about to reconcile waits for its turn (daemon/node.py's
-`sync_turn`). One that speaks version 1 only is the release before it:
-every holder pushes, no turn.
+`sync_turn`); only the dialer reconciles when peers meet, a holder puts
+reconciling off while its push is unacknowledged, and OBJECTS carry no
+ids. One that speaks version 1 only is the release before it: every
+holder pushes, no turn.
 
 Time is the world's round counter (`Clock.now`): the daemon's seconds
 become rounds here.
