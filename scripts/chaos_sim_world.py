@@ -32,7 +32,12 @@ The model:
 - **Heal phase**: every node up, every link connected, no more faults or
   writes. Rounds are counted until every node's index root equals the root
   of the set of all contexts written (and its store holds exactly that
-  set). A seed that needs more than `max_heal_rounds` did not converge.
+  set, and it owes no fetch claim). A seed that needs more than
+  `max_heal_rounds` did not converge.
+- **Protocol** (`protocol`): "2", every node the current daemon (objects
+  on request, chaos_sim_peer.py); "1", every node the release before it
+  (every holder pushes); "mixed", even-numbered nodes the current daemon
+  and odd-numbered ones the older release, which must still interwork.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ from sync.errors import ProtocolError
 from sync.idset import IdSet
 from sync import overlay
 from sync.model import T_STRING, CompressedContext, MemoryAtom
+
+PROTOCOLS = ("1", "2", "mixed")
 
 # Long enough for every node to write a few contexts and for most links to
 # fail at least once while data is moving; short enough that a 64-node seed
@@ -110,6 +117,15 @@ class SeedResult:
     @property
     def ok(self) -> bool:
         return self.converged and not self.anomalies and not any(k.startswith("anomaly_") for k in self.stats)
+
+
+def node_versions(protocol: str, number: int) -> tuple[int, ...]:
+    """The protocol versions node `number` speaks under `protocol` (PROTOCOLS)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+    if protocol == "1" or (protocol == "mixed" and number % 2):
+        return (1,)
+    return (1, 2)
 
 
 def node_id(number: int) -> bytes:
@@ -173,7 +189,8 @@ class Simulation:
     """One seed: build the world, run the fault phase, heal, count rounds."""
 
     def __init__(self, nodes: int, seed: int, *, fault_rounds: int = FAULT_ROUNDS,
-                 max_heal_rounds: int = MAX_HEAL_ROUNDS, topology_kind: str = "cycles", degree: int = 8) -> None:
+                 max_heal_rounds: int = MAX_HEAL_ROUNDS, topology_kind: str = "cycles", degree: int = 8,
+                 protocol: str = "2") -> None:
         self.seed = seed
         self.fault_rounds = fault_rounds
         self.max_heal_rounds = max_heal_rounds
@@ -182,7 +199,7 @@ class Simulation:
         self.stats: collections.Counter[str] = collections.Counter()
         self.trace = hashlib.sha256()
         self.anomalies: list[str] = []
-        self.nodes = [SimNode(i, self.clock, self.stats) for i in range(nodes)]
+        self.nodes = [SimNode(i, self.clock, self.stats, node_versions(protocol, i)) for i in range(nodes)]
         edges = topology(nodes, self.rng, topology_kind, degree)
         self.links = [Link(i, self.nodes[a], self.nodes[b]) for i, (a, b) in enumerate(edges)]
         self.diameter = overlay.diameter({n: [b for a, b in edges if a == n] for n in range(nodes)})
@@ -224,6 +241,10 @@ class Simulation:
         for node in self.nodes:
             if len(node.store) != len(self.written):
                 self.anomalies.append(f"node {node.number}: index agrees but the store holds {len(node.store)} contexts")
+            # Everything is here: a claim left would hold up the node's sync
+            # turns (and, in the daemon, status) for nothing.
+            if node.fetches.owed():
+                self.anomalies.append(f"node {node.number}: converged with {node.fetches.owed()} fetch claims left")
         return True
 
     def _heal(self) -> None:
