@@ -11,9 +11,11 @@ it missing meanwhile leave it to that one. A claim ends when the object
 is stored (from whichever peer, or pushed locally), when its session ends
 (the others then reconcile again and claim what is still missing), when
 that peer refuses the request, or when its session has brought nothing
-for FETCH_STALL_SECONDS while it still owes objects: then another session
-may take the claim over, so a peer that is slow or never answers does not
-hold an object up for good.
+for FETCH_STALL_SECONDS while it still owes objects: then the session
+gives its claims up and the others reconcile at once (daemon/transfer.py,
+`_stall_watch`), and any session that finds them missing may take them
+over, so a peer that is slow or never answers does not hold an object up
+for good. Stalled claims do not hold up the node's sync turn either.
 
 Plain bookkeeping, no I/O: the caller passes the time, and `who` is any
 hashable owner (a peer session).
@@ -87,6 +89,16 @@ class Fetches:
         if not self._owner:
             self._owner = {}
         return len(mine)
+
+    def stalls_at(self, who: Hashable) -> float | None:
+        """When `who`'s claims count as stalled if it delivers nothing more
+        (None: it owes nothing)."""
+        since = self._progress.get(who)
+        return None if since is None else since + FETCH_STALL_SECONDS
+
+    def owed_live(self, now: float) -> int:
+        """Objects claimed by sessions that are not stalled."""
+        return sum(len(mine) for who, mine in self._claims.items() if now - self._progress[who] < FETCH_STALL_SECONDS)
 
     def owed(self, who: Hashable | None = None) -> int:
         """Objects claimed and not yet stored: by `who`, or by anyone."""

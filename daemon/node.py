@@ -368,7 +368,8 @@ class Node(PeerTable):
         one or bringing what it asked for, or after SYNC_TURN_WAIT anyway;
         the caller checks the roots again when its turn comes."""
         with trio.move_on_after(SYNC_TURN_WAIT):
-            while self._initiating or self.fetches.owed():
+            # (A stalled session's claims do not hold the others up.)
+            while self._initiating or self.fetches.owed_live(trio.current_time()):
                 await self._turn_changed.wait()
         self._initiating += 1
         try:

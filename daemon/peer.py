@@ -250,6 +250,7 @@ class PeerSession(ObjectTransfer):
                 nursery.start_soon(self._keepalive)
                 if self.pull:
                     nursery.start_soon(self._fetcher)
+                    nursery.start_soon(self._stall_watch)
         except BaseExceptionGroup as group:
             # One task's failure ends the session; report that one reason.
             raise _first_cause(group) from None

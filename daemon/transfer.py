@@ -5,7 +5,8 @@ the tasks; this mixin is what it does with their results:
 
   fetcher  (protocol version 2) asks the peer for what reconciliation found
            we lack and no other session is bringing (daemon/fetches.py),
-           as WANT requests the writer can take
+           as WANT requests the writer can take; a request the peer leaves
+           unanswered for FETCH_STALL_SECONDS is asked of the others
   pusher   sends what the peer lacks, parents first and ref updates after
            the contexts they target, never more than the peer's credit
            allows: what it asked for (version 2), or what reconciliation
@@ -23,6 +24,7 @@ from collections.abc import Iterable
 
 import trio
 
+from daemon.fetches import FETCH_STALL_SECONDS
 from daemon.logs import RateLimitedLog
 from sync import reconcile
 from sync.codec import DecodeError, bytes_id
@@ -77,6 +79,7 @@ class ObjectTransfer:
         # Ids we claimed (node.fetches) and have yet to ask the peer for.
         self._wants: collections.deque[bytes] = collections.deque()
         self._wants_wake = trio.Event()
+        self._claimed = trio.Event()  # we claimed something (see _stall_watch)
         # The peer's request so far (its WANTs with `more`); ids we hold only,
         # so bounded by our store.
         self._requested: set[bytes] = set()
@@ -91,6 +94,7 @@ class ObjectTransfer:
             if claimed:
                 self._wants.extend(claimed)
                 self._wants_wake.set()
+                self._claimed.set()
         else:
             # The peer's own reconciler found what we lack; it pushes that.
             self._send_soon(reconciler.to_send)
@@ -164,6 +168,23 @@ class ObjectTransfer:
             await self.send(Want(ids=ids, more=bool(self._wants)))
             while self._control_bytes > WANT_BACKLOG:
                 await self._writer_idle.wait()
+
+    async def _stall_watch(self) -> None:
+        """A peer that takes our request and brings nothing for
+        FETCH_STALL_SECONDS loses it: the other sessions reconcile at once
+        and ask for those objects, instead of at the next anti-entropy."""
+        while True:
+            deadline = self.node.fetches.stalls_at(self)
+            if deadline is None:
+                self._claimed = trio.Event()
+                await self._claimed.wait()
+            elif trio.current_time() < deadline:
+                await trio.sleep_until(deadline)
+            else:
+                owed = self.node.fetches.owed(self)
+                _warn.warning(f"{self.info.address}:stalled", "peer %s: brought none of %d requested objects for %g s; "
+                              "asking other peers", self.info.address, owed, FETCH_STALL_SECONDS)
+                self.node.release_fetches(self, resync=True)
 
     async def _pusher(self) -> None:
         while True:

@@ -22,9 +22,9 @@ def _sent_to(holders: list[Node], node_id: str) -> int:
     return sum(p["objects_sent"] for h in holders for p in h.status()["peers"] if p["node_id"] == node_id)
 
 
-async def _holders(nursery, tmp_path, names, count=COUNT) -> tuple[list[Node], list[str]]:
-    first = await start_node(nursery, tmp_path, names[0])
-    rest = [await start_node(nursery, tmp_path, name, peers=[first.listen_address]) for name in names[1:]]
+async def _holders(nursery, tmp_path, names, count=COUNT, **overrides) -> tuple[list[Node], list[str]]:
+    first = await start_node(nursery, tmp_path, names[0], **overrides)
+    rest = [await start_node(nursery, tmp_path, name, peers=[first.listen_address], **overrides) for name in names[1:]]
     ids = await first.add_contexts([context(f"held {i}") for i in range(count)])
     await wait_converged([first, *rest])
     return [first, *rest], ids
@@ -215,4 +215,32 @@ async def test_a_refused_message_in_a_joint_commit_costs_only_itself(tmp_path, m
         held = set(await taker.run_sync(lambda: list(taker.store.ids())))
         assert held == set(order) - poisoned
         assert any(n > 50 for n in calls)  # it was tried jointly first
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_never_brings_what_was_asked_loses_the_request(tmp_path, monkeypatch):
+    import daemon.fetches
+    import daemon.transfer
+
+    # Longer than the sync turn's wait: the second holder's session has
+    # reconciled (finding everything claimed) before the claims stall.
+    stall = SYNC_TURN_WAIT + 1.0
+    monkeypatch.setattr(daemon.fetches, "FETCH_STALL_SECONDS", stall)
+    monkeypatch.setattr(daemon.transfer, "FETCH_STALL_SECONDS", stall)
+    async with trio.open_nursery() as nursery:
+        # No anti-entropy to fall back on: only the stall watch can move the request.
+        holders, ids = await _holders(nursery, tmp_path, ["h1", "h2"], anti_entropy_seconds=3600)
+        mute = holders[0]
+        answer = PeerSession._on_want
+        monkeypatch.setattr(PeerSession, "_on_want", lambda self, m: None if self.node is mute else answer(self, m))
+        newcomer = await start_node(nursery, tmp_path, "new", peers=[mute.listen_address], anti_entropy_seconds=3600)
+        with trio.fail_after(30):
+            while newcomer.fetches.owed() < COUNT:
+                await trio.sleep(0.01)
+        nursery.start_soon(newcomer._dial_forever, holders[1].listen_address, "static")
+        with trio.fail_after(30):
+            while len(newcomer.index) < COUNT:
+                await trio.sleep(0.01)
+        assert mute.node_id in newcomer.sessions  # it was not the session ending that did it
+        assert await newcomer.run_sync(lambda: sorted(newcomer.store.ids())) == sorted(ids)
         nursery.cancel_scope.cancel()
