@@ -389,7 +389,8 @@ class Node(PeerTable):
         self._poke_turn()
         if owed and resync:
             for other in list(self.sessions.values()):
-                other.resync()
+                if other is not session:
+                    other.resync()
 
     def holds(self, context_id: bytes) -> bool:
         """Stored here (in the index, or committed and waiting to enter it)."""

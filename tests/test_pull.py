@@ -108,13 +108,8 @@ async def test_what_a_lost_session_owed_is_asked_of_another(tmp_path, monkeypatc
         nursery.cancel_scope.cancel()
 
 
-async def test_a_holder_does_not_reconcile_on_every_root_of_a_peer_taking_its_request(tmp_path, monkeypatch):
-    # Small messages: the request arrives as many commits, each a new root
-    # the taker announces. Those roots tell the holder nothing it needs to
-    # reconcile for; the taker asks for anything else itself.
-    import daemon.transfer
-
-    monkeypatch.setattr(daemon.transfer, "MAX_OBJECTS_PER_MESSAGE", 50)
+def _count_initiations(monkeypatch) -> collections.Counter[str]:
+    """Reconciliations each node starts from now on, by node id."""
     started: collections.Counter[str] = collections.Counter()
     initiate = PeerSession._initiate
 
@@ -123,6 +118,17 @@ async def test_a_holder_does_not_reconcile_on_every_root_of_a_peer_taking_its_re
         await initiate(self)
 
     monkeypatch.setattr(PeerSession, "_initiate", counted)
+    return started
+
+
+async def test_a_holder_does_not_reconcile_on_every_root_of_a_peer_taking_its_request(tmp_path, monkeypatch):
+    # Small messages: the request arrives as many commits, each a new root
+    # the taker announces. Those roots tell the holder nothing it needs to
+    # reconcile for; the taker asks for anything else itself.
+    import daemon.transfer
+
+    monkeypatch.setattr(daemon.transfer, "MAX_OBJECTS_PER_MESSAGE", 50)
+    started = _count_initiations(monkeypatch)
     async with trio.open_nursery() as nursery:
         holder = await start_node(nursery, tmp_path, "holder")
         await holder.add_contexts([context(f"bulk {i}") for i in range(1000)])
@@ -136,14 +142,7 @@ async def test_a_holder_does_not_reconcile_on_every_root_of_a_peer_taking_its_re
 
 
 async def test_peers_that_meet_reconcile_once_and_both_take_what_they_lack(tmp_path, monkeypatch):
-    started: collections.Counter[str] = collections.Counter()
-    initiate = PeerSession._initiate
-
-    async def counted(self):
-        started[self.node.node_id] += 1
-        await initiate(self)
-
-    monkeypatch.setattr(PeerSession, "_initiate", counted)
+    started = _count_initiations(monkeypatch)
     async with trio.open_nursery() as nursery:
         listener = await start_node(nursery, tmp_path, "listener")
         dialer_home_only = await start_node(nursery, tmp_path, "dialer")
