@@ -203,7 +203,7 @@ def _contexts_for_transfer(count: int, rng: random.Random) -> list[CompressedCon
     contexts = []
     base = None
     for i in range(count):
-        filler = "".join(rng.choice("abcdefgh ") for _ in range(1500))
+        filler = rng.randbytes(750).hex()
         if i % 5 == 4:
             contexts.append(make_context([f"root {i} {filler}"]))
         else:
@@ -212,7 +212,9 @@ def _contexts_for_transfer(count: int, rng: random.Random) -> list[CompressedCon
     return contexts
 
 
-TRANSFER_COUNT = 3000
+# ~15 MB: four OBJECTS messages and more, so that B commits them in more
+# than one step even when it commits what queued together.
+TRANSFER_COUNT = 10000
 
 
 def test_kill_9_during_sync_loses_nothing_and_sync_resumes(cluster: Cluster, tmp_path: Path):
