@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.machinery
-import importlib.util
 import json
 import os
 import random
@@ -62,7 +60,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import trio
@@ -71,14 +68,7 @@ ROOT = Path(__file__).resolve().parent.parent
 for _path in (ROOT, ROOT / "tests", ROOT / "scripts"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
-if importlib.util.find_spec("pytest") is None:
-    # A venv without the test extra: the helpers import pytest only for fixtures.
-    _stub = types.ModuleType("pytest")
-    _stub.__spec__ = importlib.machinery.ModuleSpec("pytest", None)
-    _stub.fixture = lambda f: f
-    _stub.skip = None
-    sys.modules["pytest"] = _stub
-
+import chaos_common  # noqa: E402,F401  (stands in for pytest where the test extra is missing)
 import netns_helpers  # noqa: E402
 from bench_node import _source_state, init_home, small_contexts  # noqa: E402
 from process_helpers import CTXFS, Daemon, _env  # noqa: E402

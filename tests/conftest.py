@@ -11,3 +11,13 @@ def store(request, tmp_path):
     s = make_store(request.param, tmp_path)
     yield s
     s.close()
+
+
+@pytest.fixture
+def paths(tmp_path):
+    """A fresh, private home directory (nothing in it yet)."""
+    from daemon.paths import HomePaths
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    return HomePaths(home)

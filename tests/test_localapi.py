@@ -132,13 +132,6 @@ class FakeNode:
 
 
 @pytest.fixture
-def paths(tmp_path) -> HomePaths:
-    home = tmp_path / "home"
-    home.mkdir(mode=0o700)
-    return HomePaths(home)
-
-
-@pytest.fixture
 def node(paths) -> FakeNode:
     return FakeNode(paths)
 

@@ -20,7 +20,7 @@ from sync.errors import ErrorCode
 from sync.expand import ExpanderFunctor
 from sync.messages import MessageType, StreamRequest
 
-from test_localapi import GUARD, RawClient, big_context, node, paths, server  # noqa: F401
+from test_localapi import GUARD, RawClient, big_context, node, server  # noqa: F401
 
 
 def _record_sessions(monkeypatch) -> list[weakref.ref]:

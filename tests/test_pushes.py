@@ -94,13 +94,6 @@ def test_batched_put_is_one_transaction_and_later_batches_build_on_earlier(tmp_p
 
 
 @pytest.fixture
-def paths(tmp_path) -> HomePaths:
-    home = tmp_path / "home"
-    home.mkdir(mode=0o700)
-    return HomePaths(home)
-
-
-@pytest.fixture
 def node(paths):
     store = SQLiteContextStore(paths.store)
     yield FakeNode(paths, store)
@@ -150,15 +143,13 @@ async def test_a_push_refused_mid_way_stores_nothing_and_the_client_stops_sendin
 async def test_a_bad_object_anywhere_in_a_push_stores_none_of_it(server, node, paths):
     good = small(10)
     with trio.fail_after(GUARD):
-        raw = await RawClient.open(paths)
-        await raw.handshake()
-        stream_id = raw.conn.open_stream()
+        raw, stream_id = await _push_stream(paths)
         for ctx in good[:5]:
-            await raw.send(PushContext(context=encode_context(ctx), more=True), stream_id)
-        await raw.send(PushContext(context=b"\x96\x01\xc0\x90\x90\x90\x81", more=True), stream_id)
+            await _send(raw, stream_id, encode_context(ctx), more=True)
+        await _send(raw, stream_id, b"\x96\x01\xc0\x90\x90\x90\x81", more=True)
         for ctx in good[5:-1]:
-            await raw.send(PushContext(context=encode_context(ctx), more=True), stream_id)
-        await raw.send(PushContext(context=encode_context(good[-1])), stream_id)
+            await _send(raw, stream_id, encode_context(ctx), more=True)
+        await _send(raw, stream_id, encode_context(good[-1]))
         event = await raw.event()
         while not isinstance(event.message, Error):
             event = await raw.event()
@@ -185,11 +176,9 @@ async def test_a_push_given_up_half_way_stores_nothing_and_frees_its_window(serv
 async def test_a_client_that_leaves_mid_push_leaves_nothing_behind(server, node, paths):
     contexts = small(20)
     with trio.fail_after(GUARD):
-        raw = await RawClient.open(paths)
-        await raw.handshake()
-        stream_id = raw.conn.open_stream()
+        raw, stream_id = await _push_stream(paths)
         for ctx in contexts:
-            await raw.send(PushContext(context=encode_context(ctx), more=True), stream_id)
+            await _send(raw, stream_id, encode_context(ctx), more=True)
         await raw.stream.aclose()
         await wait_for(lambda: not server.statistics().clients)
     assert len(node.store) == 0 and node.pushed == []
@@ -198,10 +187,8 @@ async def test_a_client_that_leaves_mid_push_leaves_nothing_behind(server, node,
 
 async def test_another_message_on_a_push_stream_is_a_protocol_error(server, node, paths):
     with trio.fail_after(GUARD):
-        raw = await RawClient.open(paths)
-        await raw.handshake()
-        stream_id = raw.conn.open_stream()
-        await raw.send(PushContext(context=encode_context(small(1)[0]), more=True), stream_id)
+        raw, stream_id = await _push_stream(paths)
+        await _send(raw, stream_id, encode_context(small(1)[0]), more=True)
         await raw.send(StatusRequest(), stream_id)
         event = await raw.event()
         while isinstance(event, ConnectionClosed) is False and event.stream_id != 0:
@@ -216,14 +203,23 @@ async def test_another_message_on_a_push_stream_is_a_protocol_error(server, node
 async def test_a_single_context_push_keeps_the_one_message_form(server, node, paths):
     ctx = small(1)[0]
     with trio.fail_after(GUARD):
-        raw = await RawClient.open(paths)
-        await raw.handshake()
-        stream_id = raw.conn.open_stream()
-        await raw.send(PushContext(context=encode_context(ctx)), stream_id)
+        raw, stream_id = await _push_stream(paths)
+        await _send(raw, stream_id, encode_context(ctx))
         event = await raw.event()
         while not isinstance(event.message, Ack):
             event = await raw.event()
     assert event.message.ids == (bytes.fromhex(ctx.id),)
+
+
+async def _push_stream(paths: HomePaths):
+    """A raw local-API client past its handshake, and a new stream for a push."""
+    raw = await RawClient.open(paths)
+    await raw.handshake()
+    return raw, raw.conn.open_stream()
+
+
+async def _send(raw, stream_id: int, context: bytes, *, more: bool = False) -> None:
+    await raw.send(PushContext(context=context, more=more), stream_id)
 
 
 async def wait_for(predicate, poll: float = 0.01):
@@ -363,8 +359,6 @@ async def test_the_daemon_refuses_what_no_one_should_write_from_any_client(tmp_p
                 assert info.value.code is ErrorCode.BAD_REQUEST, label
                 with pytest.raises(LocalApiError):
                     await client.push([ctx])  # alone
-            raw = await RawClient.open(node.paths)
-            await raw.handshake()
             from sync.refs import make_update
             from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
             from datetime import datetime, timezone
@@ -372,8 +366,8 @@ async def test_the_daemon_refuses_what_no_one_should_write_from_any_client(tmp_p
 
             update = make_update(name="main", target=base.id, supersedes=[], key=Ed25519PrivateKey.generate(),
                                  time=datetime.now(timezone.utc))
-            stream_id = raw.conn.open_stream()
-            await raw.send(PushContext(context=encode_update(update)), stream_id)
+            raw, stream_id = await _push_stream(node.paths)
+            await _send(raw, stream_id, encode_update(update))
             event = await raw.event()
             while not isinstance(event.message, Error):
                 event = await raw.event()
