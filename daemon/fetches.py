@@ -90,6 +90,9 @@ class Fetches:
             self._owner = {}
         return len(mine)
 
+    def owns(self, who: Hashable, oid: bytes) -> bool:
+        return self._owner.get(oid) is who
+
     def stalls_at(self, who: Hashable) -> float | None:
         """When `who`'s claims count as stalled if it delivers nothing more
         (None: it owes nothing)."""

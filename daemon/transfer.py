@@ -164,8 +164,10 @@ class ObjectTransfer:
                 self._wants_wake = trio.Event()
                 await self._wants_wake.wait()
             count = min(len(self._wants), MAX_IDS_PER_MESSAGE)
-            ids = tuple(self._wants.popleft() for _ in range(count))
-            await self.send(Want(ids=ids, more=bool(self._wants)))
+            # Not what arrived meanwhile, or what we gave up (stalled, refused).
+            ids = tuple(i for i in (self._wants.popleft() for _ in range(count)) if self.node.fetches.owns(self, i))
+            if ids or not self._wants:
+                await self.send(Want(ids=ids, more=bool(self._wants)))
             while self._control_bytes > WANT_BACKLOG:
                 await self._writer_idle.wait()
 

@@ -64,3 +64,13 @@ def test_a_new_request_starts_its_stall_clock_afresh():
     table.arrived(IDS[:1])
     table.claim("a", IDS[1:2], now=10 * FETCH_STALL_SECONDS)
     assert table.claim("b", IDS[1:2], now=10 * FETCH_STALL_SECONDS + 1) == []
+
+
+def test_owns_says_whose_claim_an_object_is():
+    table = Fetches()
+    table.claim("a", IDS[:2], now=0.0)
+    assert table.owns("a", IDS[0]) and not table.owns("b", IDS[0]) and not table.owns("a", IDS[3])
+    table.arrived(IDS[:1])
+    assert not table.owns("a", IDS[0])
+    table.release("a")
+    assert not table.owns("a", IDS[1])
