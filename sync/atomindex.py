@@ -28,6 +28,7 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
+from collections.abc import Sequence
 
 import attrs
 
@@ -64,13 +65,6 @@ class AtomIndex:
         return [removed[i : i + ID_BYTES] for i in range(0, len(removed), ID_BYTES)]
 
 
-def _le(values: array) -> bytes:
-    if sys.byteorder != "little":
-        values = array(values.typecode, values)
-        values.byteswap()
-    return values.tobytes()
-
-
 def _from_le(typecode: str, data: bytes) -> array:
     values = array(typecode)
     values.frombytes(data)
@@ -82,22 +76,28 @@ def _from_le(typecode: str, data: bytes) -> array:
 def build(ctx: CompressedContext) -> bytes:
     """The atom index of `ctx` (computes its atoms' ids if not yet known)."""
     atoms = ctx.delta_atoms
-    hashes = [atom.content_hash for atom in atoms]
+    return assemble(
+        [bytes.fromhex(atom.content_hash) for atom in atoms],
+        [atom.relevance_score for atom in atoms],
+        [atom.content for atom in atoms],
+        sorted(bytes.fromhex(h) for h in ctx.removed_hashes),
+    )
+
+
+def assemble(ids: Sequence[bytes], relevances: Sequence[float], contents: Sequence[str],
+             removed: Sequence[bytes]) -> bytes:
+    """The atom index of a delta given per atom (delta order) its id,
+    relevance and content, and its removed ids ascending."""
     # The last occurrence of an id wins; most relevant first, ties in delta order.
-    order = sorted({h: position for position, h in enumerate(hashes)}.values())
-    negated = [-atom.relevance_score for atom in atoms]
+    order = sorted({h: position for position, h in enumerate(ids)}.values())
+    negated = [-r for r in relevances]
     order.sort(key=negated.__getitem__)
-    relevances = array("d", [atoms[p].relevance_score for p in order])
-    tokens = array("I", [estimate_tokens(atoms[p].content) for p in order])
-    removed = sorted(ctx.removed_hashes)
-    return b"".join((
-        _HEADER.pack(VERSION, len(order), len(removed)),
-        _le(relevances),
-        _le(array("I", order)),
-        _le(tokens),
-        bytes.fromhex("".join([hashes[p] for p in order])),
-        bytes.fromhex("".join(removed)),
-    ))
+    n = len(order)
+    # One struct call for the header and the three number columns
+    # (little-endian whatever the machine): most deltas hold a few atoms.
+    numbers = struct.pack(f"<BII{n}d{2 * n}I", VERSION, n, len(removed), *[relevances[p] for p in order], *order,
+                          *[estimate_tokens(contents[p]) for p in order])
+    return b"".join((numbers, *[ids[p] for p in order], *removed))
 
 
 def parse(data: bytes) -> AtomIndex:

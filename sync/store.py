@@ -28,6 +28,7 @@ from typing import Protocol
 from sync import atomindex, fulltext, refstore
 from sync.codec import MAX_CONTEXT_BYTES, DecodeError, bytes_id, decode_context, encode_context
 from sync.model import CompressedContext, check_id
+from sync.rawcheck import CheckedContext, check_context_bytes
 from sync.refs import RefTable, RefUpdate, RefValue, decode_update, encode_update, is_ref_update_bytes, verify_update
 
 # 2: the ref_updates table (sync/refstore.py). 3: contexts.atom_index, a
@@ -134,23 +135,26 @@ class ContextStore(Protocol):
 
 # A batch after checking: contexts (id, context, bytes) and ref updates
 # (id, update, bytes), each in batch order, and every id in batch order.
-_Checked = tuple[list[tuple[str, CompressedContext, bytes]], list[refstore.Entry], list[str]]
-_Object = CompressedContext | RefUpdate
+_Checked = tuple[list[tuple[str, CompressedContext | CheckedContext, bytes]], list[refstore.Entry], list[str]]
+_Object = CompressedContext | CheckedContext | RefUpdate
 # A caller's rules for the contexts of a put (raises to refuse it all).
 _Check = Callable[[list[CompressedContext]], None]
 
 
-def _decode_batch(blobs: Sequence[bytes]) -> list[tuple[_Object, bytes]]:
+def _decode_batch(blobs: Sequence[bytes], *, objects: bool = True) -> list[tuple[_Object, bytes]]:
     """Strictly decode bytes from outside (canonical form, and a ref
     update's signature) or raise DecodeError. The first bytes tell the
-    kinds apart (docs/protocol.md, section 10)."""
+    kinds apart (docs/protocol.md, section 10). Contexts become model
+    objects only with `objects`; else they are checked to the same rules
+    without them (sync/rawcheck.py): all a store needs is base and index."""
     out: list[tuple[_Object, bytes]] = []
+    decode = (lambda data: decode_context(data, verify=True)) if objects else check_context_bytes
     for raw in blobs:
         data = bytes(raw)
         if is_ref_update_bytes(data):
             out.append((decode_update(data, verify=True), data))
         else:
-            out.append((decode_context(data, verify=True), data))
+            out.append((decode(data), data))
     return out
 
 
@@ -490,7 +494,7 @@ class SQLiteContextStore:
     def put_encoded(self, blobs: Sequence[bytes]) -> list[str]:
         """Store canonical bytes from outside, verified: the receive path.
         Contexts and ref updates may come mixed; all or nothing is stored."""
-        return self._insert(_decode_batch(blobs))
+        return self._insert(_decode_batch(blobs, objects=False))
 
     def put_encoded_batches(self, batches: Iterable[Sequence[bytes]], check: _Check | None = None) -> list[str]:
         """`put_encoded` of every batch in one transaction: all or nothing.
@@ -503,7 +507,7 @@ class SQLiteContextStore:
         are inserted (reads inside it see the batches before) and refuses
         the whole put by raising: the rules for contexts written here.
         """
-        return self._insert_batches((_decode_batch(blobs) for blobs in batches), check)
+        return self._insert_batches((_decode_batch(blobs, objects=check is not None) for blobs in batches), check)
 
     def put_ref_updates(self, updates: Sequence[RefUpdate]) -> list[str]:
         """Store ref updates made here (by `refs.updates_for_write`), in order."""
@@ -518,33 +522,48 @@ class SQLiteContextStore:
         # the table without an update the file holds.
         order: list[str] = []
         added: list[RefUpdate] = []
+        # Depth of each context inserted or looked up in this put: one
+        # SELECT per base outside the put, however many children it has.
+        depths: dict[str, int] = {}
+
+        def held(context_id: str) -> bool:
+            if context_id in depths:
+                return True
+            depth = self._depth_or_none(context_id)
+            if depth is not None:
+                depths[context_id] = depth
+            return depth is not None
+
         with self._lock:
             with self._transaction():
                 for pairs in batches:
-                    contexts, updates, ids = _check_encoded(pairs, self.has)
+                    contexts, updates, ids = _check_encoded(pairs, held)
                     if check is not None:
                         check([ctx for _cid, ctx, _data in contexts])
-                    self._insert_contexts(contexts)
+                    self._insert_contexts(contexts, depths)
                     refstore.sqlite_insert(self._db, updates)
                     order += ids
                     added += (u for _uid, u, _data in updates)
             self._refs.added(added)
         return order
 
-    def _insert_contexts(self, batch: list[tuple[str, CompressedContext, bytes]]) -> None:
-        depths: dict[str, int] = {}
+    def _insert_contexts(self, batch: list[tuple[str, CompressedContext | CheckedContext, bytes]],
+                         depths: dict[str, int]) -> None:
+        # _check_encoded saw every base held or earlier in the put: its
+        # depth is in `depths` (held() put it there) or one SELECT away.
         rows = []
         for cid, ctx, data in batch:
-            if ctx.base_hash is None:
+            base = ctx.base_hash
+            if base is None:
                 depth = 0
             else:
-                depth = depths.get(ctx.base_hash)
+                depth = depths.get(base)
                 if depth is None:
-                    depth = self._depth(ctx.base_hash)
+                    depth = self._depth(base)
                 depth += 1
             depths[cid] = depth
-            rows.append((bytes.fromhex(cid), None if ctx.base_hash is None else bytes.fromhex(ctx.base_hash), depth, data,
-                         atomindex.build(ctx)))
+            index = ctx.index if type(ctx) is CheckedContext else atomindex.build(ctx)
+            rows.append((bytes.fromhex(cid), None if base is None else bytes.fromhex(base), depth, data, index))
         # One statement for the batch: a row-at-a-time loop hands the GIL
         # back and forth with the event loop thread once per context. The
         # full-text index is not touched: it catches up later, by seq
@@ -554,10 +573,14 @@ class SQLiteContextStore:
         )
 
     def _depth(self, context_id: str) -> int:
-        row = self._db.execute("SELECT depth FROM contexts WHERE id = ?", (bytes.fromhex(context_id),)).fetchone()
-        if row is None:
+        depth = self._depth_or_none(context_id)
+        if depth is None:
             raise NotFound(context_id)
-        return row[0]
+        return depth
+
+    def _depth_or_none(self, context_id: str) -> int | None:
+        row = self._db.execute("SELECT depth FROM contexts WHERE id = ?", (bytes.fromhex(check_id(context_id)),)).fetchone()
+        return None if row is None else row[0]
 
     def get_bytes(self, context_id: str) -> bytes:
         check_id(context_id, "context id")
