@@ -61,9 +61,12 @@ def median_ms(fn, repeat: int) -> tuple[float, object]:
     times = []
     result = None
     for _ in range(repeat):
+        # The previous result stays alive during the run (as a process
+        # serving expansions holds some) and is freed after the timing.
         start = time.perf_counter()
-        result = fn()
+        latest = fn()
         times.append(time.perf_counter() - start)
+        result = latest
     return statistics.median(times) * 1000, result
 
 

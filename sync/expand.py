@@ -36,6 +36,7 @@ import msgpack
 
 from sync import atomindex, codec, livescan
 from sync.atomindex import AtomIndex
+from sync.gcpause import collector_paused
 from sync.model import CompressedContext, ExpandedContext, MemoryAtom, MemoryMolecule
 from sync.store import ContextStore, MissingBase, UnheldRemoval
 
@@ -347,7 +348,8 @@ class ExpanderFunctor:
             pending.append((cid, data, index))
         if state is None:
             state = _State()
-        state.apply_levels([_Level.of_stored(cid, data, index) for cid, data, index in reversed(pending)])
+        with collector_paused():  # many new objects, no cycles (sync/gcpause.py)
+            state.apply_levels([_Level.of_stored(cid, data, index) for cid, data, index in reversed(pending)])
         self._remember(context_id, state)
         return state
 
