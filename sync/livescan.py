@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import sys
 from collections.abc import Iterator, Sequence
 from operator import neg
 from typing import Any
 
 from sync import atomindex, codec
 from sync.atomindex import AtomIndex
+from sync.gcpause import collector_paused
 from sync.model import CompressedContext, MemoryAtom
 from sync.store import ContextStore, MissingBase, NotFound
 
@@ -71,6 +73,13 @@ class LiveScan:
         self._some: dict[int, dict[int, Any]] = {}  # deltas decoded in part: position -> raw atom
         self._heads: list[tuple] = []
         self.total = 0
+        # Up to one int per live atom and a few objects per delta, none in a
+        # cycle: built with the collector paused (sync/gcpause.py).
+        with collector_paused():
+            self._walk(store, target, threshold)
+        heapq.heapify(self._heads)
+
+    def _walk(self, store: ContextStore, target: CompressedContext | str, threshold: float) -> None:
         # Which atoms later deltas shadow, found with the ids' first 8 bytes
         # (ints made in C, a third of the cost of slicing every id) and
         # checked on the full id; removals are few and kept whole. At the
@@ -86,16 +95,20 @@ class LiveScan:
             dead: set[int] | None = None
             if exact is None:
                 prefixes = _prefixes(index.ids)
-                distinct = set(prefixes)
-                dead = None
-                if len(distinct) == len(prefixes):
-                    dead = _removed_here(index, prefixes, prefixes_above & distinct, removed_above)
+                matches = prefixes_above.intersection(prefixes)
+                dead = _removed_here(index, prefixes, matches, removed_above) if matches else set()
+                if dead is not None:
+                    # The prefixes are distinct within the delta if all but
+                    # the matched ones are new to the set.
+                    before = len(prefixes_above)
+                    prefixes_above.update(prefixes)
+                    if len(prefixes_above) - before != len(prefixes) - len(matches):
+                        dead = None
                 if dead is None:  # something else matched: from here on, full ids
                     exact = set(removed_above)
                     for level in self._levels:
                         exact.update(level[2].id_list())
                 else:
-                    prefixes_above |= distinct
                     prefixes_above.update(_prefixes(index.removed))
                     removed_above.update(removed)
             if exact is not None:
@@ -112,7 +125,6 @@ class LiveScan:
             if j is not None:
                 # Ties go in lineage order: farther from the tip first.
                 self._heads.append((-index.relevances[j], -t, index.positions[j], t, j))
-        heapq.heapify(self._heads)
 
     def _next_live(self, t: int, j: int) -> int | None:
         _cid, _data, _index, count, dead = self._levels[t]
@@ -183,12 +195,18 @@ def _prefixes(ids: bytes) -> list[int]:
 
 def _removed_here(index: AtomIndex, prefixes: list[int], matches: set[int], removed_above: set[bytes]) -> set[int] | None:
     """Positions of this delta's adds that a later delta removed, given the
-    (distinct) prefixes that match one above; None if a match is anything
-    else."""
+    prefixes that match one above; None if a match is anything else."""
     dead = set()
+    ids, size = index.ids, atomindex.ID_BYTES
     for prefix in matches:
-        j = prefixes.index(prefix)
-        if index.ids[j * atomindex.ID_BYTES : (j + 1) * atomindex.ID_BYTES] not in removed_above:
+        # The id starting with these 8 bytes (a C search of the ids, not a
+        # scan of the list): the first hit on an id boundary.
+        needle = prefix.to_bytes(8, sys.byteorder)
+        at = ids.find(needle)
+        while at > 0 and at % size:
+            at = ids.find(needle, at + 1)
+        j = prefixes.index(prefix) if at < 0 else at // size  # (not found: a prefix that is no id's start)
+        if ids[j * size : (j + 1) * size] not in removed_above:
             return None
         dead.add(j)
     return dead

@@ -83,3 +83,25 @@ def test_a_cold_expansion_builds_its_atoms_with_the_collector_paused(monkeypatch
     assert len(expanded.atoms) == 51
     assert states and not any(states)
     assert gc.isenabled()
+
+
+def test_a_cold_stream_scans_its_lineage_with_the_collector_paused(monkeypatch):
+    from sync import livescan
+    from sync.expand import stream_expansion
+
+    store = InMemoryContextStore()
+    first = root(*(atom(f"fact {i}") for i in range(50)))
+    store.put(first)
+    tip = store.put(delta(first, atom("one more"), removed={atom("fact 3").content_hash}))
+    states = []
+    real = livescan._prefixes
+
+    def spy(ids):
+        states.append(gc.isenabled())
+        return real(ids)
+
+    monkeypatch.setattr(livescan, "_prefixes", spy)
+    chunk = next(stream_expansion(store, tip, chunk_size=5))
+    assert len(chunk.atoms) == 5
+    assert states and not any(states)
+    assert gc.isenabled()
