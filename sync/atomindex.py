@@ -36,6 +36,7 @@ from sync.model import CompressedContext, estimate_tokens
 
 VERSION = 1
 _HEADER = struct.Struct("<BII")
+_ONE = struct.Struct("<BIId2I")  # the header and columns of an index of one add
 ID_BYTES = 32
 
 
@@ -88,6 +89,9 @@ def assemble(ids: Sequence[bytes], relevances: Sequence[float], contents: Sequen
              removed: Sequence[bytes]) -> bytes:
     """The atom index of a delta given per atom (delta order) its id,
     relevance and content, and its removed ids ascending."""
+    n = len(ids)
+    if n == 1:  # the most common delta (one remembered fact): nothing to order
+        return _ONE.pack(VERSION, 1, len(removed), relevances[0], 0, estimate_tokens(contents[0])) + ids[0] + b"".join(removed)
     # The last occurrence of an id wins; most relevant first, ties in delta order.
     order = sorted({h: position for position, h in enumerate(ids)}.values())
     negated = [-r for r in relevances]

@@ -409,6 +409,16 @@ def _id_chunks(object_ids: Sequence[str], size: int = 500):
         yield [bytes.fromhex(check_id(c, "object id")) for c in object_ids[start : start + size]]
 
 
+def _marks(values: Sequence) -> str:
+    return ",".join("?" * len(values))
+
+
+def _not_among(chunk: list[bytes], found: Iterable[bytes]) -> list[bytes]:
+    """The ids of `chunk` not found in one table: to look for in the other."""
+    found = set(found)
+    return [] if len(found) == len(chunk) else [k for k in chunk if k not in found]
+
+
 class SQLiteContextStore:
     """The embedded default store: one SQLite file in WAL mode.
 
@@ -669,14 +679,16 @@ class SQLiteContextStore:
         """
         contexts, updates = [], []
         for chunk in _id_chunks(object_ids):
-            marks = ",".join("?" * len(chunk))
             with self._lock:
-                contexts += self._db.execute(
-                    f"SELECT depth, id, length(data) FROM contexts WHERE id IN ({marks})", chunk
+                rows = self._db.execute(
+                    f"SELECT depth, id, length(data) FROM contexts WHERE id IN ({_marks(chunk)})", chunk
                 ).fetchall()
-                updates += self._db.execute(
-                    f"SELECT id, length(data) FROM ref_updates WHERE id IN ({marks})", chunk
-                ).fetchall()
+                contexts += rows
+                rest = _not_among(chunk, (row[1] for row in rows))
+                if rest:  # ref updates, or not held (objects are mostly contexts)
+                    updates += self._db.execute(
+                        f"SELECT id, length(data) FROM ref_updates WHERE id IN ({_marks(rest)})", rest
+                    ).fetchall()
         if len(contexts) + len(updates) != len(set(object_ids)):
             found = {r[1].hex() for r in contexts} | {r[0].hex() for r in updates}
             raise NotFound(next(c for c in object_ids if c not in found), "object")
@@ -688,12 +700,13 @@ class SQLiteContextStore:
         """Canonical bytes of the given objects (either kind), in the given order."""
         found: dict[bytes, bytes] = {}
         for chunk in _id_chunks(object_ids):
-            marks = ",".join("?" * len(chunk))
             with self._lock:
-                found.update(self._db.execute(
-                    f"SELECT id, data FROM contexts WHERE id IN ({marks})"
-                    f" UNION ALL SELECT id, data FROM ref_updates WHERE id IN ({marks})", chunk + chunk
-                ).fetchall())
+                rows = self._db.execute(f"SELECT id, data FROM contexts WHERE id IN ({_marks(chunk)})", chunk).fetchall()
+                found.update(rows)
+                rest = _not_among(chunk, (row[0] for row in rows))
+                if rest:
+                    found.update(self._db.execute(
+                        f"SELECT id, data FROM ref_updates WHERE id IN ({_marks(rest)})", rest).fetchall())
         try:
             return [_verified(oid, found[bytes.fromhex(oid)]) for oid in object_ids]
         except KeyError as exc:

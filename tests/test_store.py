@@ -393,7 +393,10 @@ def test_each_context_has_its_atom_index(store):
     assert index.id_list() == [bytes.fromhex(r.delta_atoms[p].content_hash) for p in (1, 2, 3)]
     assert list(index.tokens) == [r.delta_atoms[p].tokens for p in (1, 2, 3)]
     assert index.removed_list() == []
-    assert atomindex.parse(walked[0][2]).removed_list() == sorted(bytes.fromhex(h) for h in d.removed_hashes)
+    one = atomindex.parse(walked[0][2])  # a delta of one add (assemble's short path)
+    assert (list(one.positions), list(one.relevances), list(one.tokens)) == ([0], [1.0], [d.delta_atoms[0].tokens])
+    assert one.id_list() == [bytes.fromhex(d.delta_atoms[0].content_hash)]
+    assert one.removed_list() == sorted(bytes.fromhex(h) for h in d.removed_hashes)
     for cid, _data, blob in walked:
         assert blob == atomindex.build(store.get(cid))
     assert list(store.walk_back_indexed(d.id, with_bytes=False)) == [(cid, None, blob) for cid, _data, blob in walked]
