@@ -266,9 +266,20 @@ def _relevance(value: Any) -> float:
 MAX_RELEVANCE = 1.0
 
 
+# ASCII text: its bytes with whitespace (what str.split() splits on) as
+# b" " and every other byte as b"w", so that words are counted by one C
+# scan instead of one new string per word (a 10 KB atom has ~1,500).
+_WORD_MARKS = bytes(0x20 if chr(b).isspace() else 0x77 for b in range(128)) + b"w" * 128
+
+
 def estimate_tokens(text: str) -> int:
     """The seed's token estimate: words × 1.3, in integers."""
-    return len(text.split()) * 13 // 10
+    if text.isascii():
+        marks = text.encode("ascii").translate(_WORD_MARKS)
+        words = marks.count(b" w") + marks.startswith(b"w")
+    else:
+        words = len(text.split())
+    return words * 13 // 10
 
 
 @attrs.frozen

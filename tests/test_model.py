@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 import attrs
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import SOURCE, T0, atom, molecule, root, types
 from sync.model import (
@@ -29,6 +30,7 @@ from sync.model import (
     MemoryMolecule,
     TypeSignature,
     check_new_context,
+    estimate_tokens,
     fit_budget,
     is_id,
     parse_type,
@@ -441,3 +443,20 @@ def test_fit_budget_keeps_the_most_relevant_atoms_that_fit_in_order():
     assert fit_budget(atoms, 7) == ([atoms[0]], 7)
     assert fit_budget(atoms, 0) == ([], 0)
     assert fit_budget(atoms, None) == (atoms, 15)
+
+
+# Every ASCII character (the separators str.split() knows among them:
+# \t \n \v \f \r, \x1c-\x1f and space), and a few that are not ASCII.
+_TEXT = st.text(alphabet=st.characters(max_codepoint=127) | st.sampled_from("é\u00a0\u2003語"), max_size=60)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_TEXT)
+def test_the_token_estimate_counts_the_words_str_split_finds(text):
+    assert estimate_tokens(text) == len(text.split()) * 13 // 10
+
+
+@pytest.mark.parametrize("text,words", [("", 0), (" ", 0), ("a", 1), ("\x1ca\x1fb\x0bc\t\n", 3), ("a  b ", 2),
+                                        ("a\u00a0b", 2), ("\x00 \x7f", 2)])
+def test_the_token_estimate_of_some_edges(text, words):
+    assert estimate_tokens(text) == words * 13 // 10
