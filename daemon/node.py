@@ -30,11 +30,12 @@ from daemon.paths import HomePaths
 from daemon.peers import PeerInfo, PeerTable
 from sync import refs
 from sync.append import build_append
-from sync.codec import encode_context
+from sync.codec import decode_context, encode_context
 from sync.expand import ExpanderFunctor, check_removals
 from sync.idset import IdSet
 from sync.messages import Hello, make_hello
 from sync.model import CompressedContext, MemoryAtom, check_id, check_new_context
+from sync.rawcheck import CheckedContext
 from sync.store import SQLiteContextStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,18 @@ MAX_INDEX_DELAY = 2.0
 SYNC_TURN_WAIT = 2.0
 
 
-def _check_written(store, contexts: list[CompressedContext]) -> None:
+def _check_written(store, contexts: list[tuple[str, CheckedContext, bytes]]) -> None:
     """The rules for contexts written on this node (a push), not for what
     peers send: no empty root, no removals in a root, relevance in 0..1
-    (`model.check_new_context`), no removal of an atom the base lacks."""
-    for ctx in contexts:
-        check_new_context(ctx)
-    check_removals(store, contexts)
+    (`model.check_new_context`), no removal of an atom the base lacks.
+    Judged on what checking the bytes found; the model's objects are made
+    only to name a broken rule, or when something is removed (the walk
+    of check_removals reads the batch's contexts)."""
+    for _cid, checked, data in contexts:
+        if not checked.meets_new_context_rules():
+            check_new_context(decode_context(data, verify=False))  # raises, naming the field
+    if any(checked.removes for _cid, checked, _data in contexts):
+        check_removals(store, [decode_context(data, verify=False) for _cid, _checked, data in contexts])
 
 
 class Node(PeerTable):

@@ -46,7 +46,7 @@ from sync.codec import (
     decode_context,
     unpack_bounded,
 )
-from sync.model import MAX_METADATA_DEPTH
+from sync.model import MAX_METADATA_DEPTH, MAX_RELEVANCE, CompressedContext
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # The timestamps a datetime can hold (codec decodes into one), in µs.
@@ -57,10 +57,29 @@ _ID_SIZE = 32
 
 @attrs.frozen
 class CheckedContext:
-    """What storing a checked context needs: its base and its atom index."""
+    """What storing a checked context needs (its base and its atom index),
+    and what the rules for new contexts (`model.check_new_context`) look at:
+    how many atoms and molecules it adds, how many ids it removes, and its
+    highest relevance (molecules' atoms included; 0.0 if it has none)."""
 
     base_hash: str | None
     index: bytes
+    adds: int
+    removes: int
+    top_relevance: float
+
+    def meets_new_context_rules(self) -> bool:
+        """True iff model.check_new_context would accept the context."""
+        if self.base_hash is None and (self.removes or not self.adds):
+            return False
+        return self.top_relevance <= MAX_RELEVANCE
+
+
+def _of_context(ctx: CompressedContext) -> CheckedContext:
+    relevances = [a.relevance_score for a in ctx.delta_atoms]
+    relevances += [a.relevance_score for m in ctx.delta_molecules for a in m.atoms]
+    return CheckedContext(ctx.base_hash, atomindex.build(ctx), len(ctx.delta_atoms) + len(ctx.delta_molecules),
+                          len(ctx.removed_hashes), max(relevances, default=0.0))
 
 
 def check_context_bytes(data: bytes) -> CheckedContext:
@@ -78,8 +97,7 @@ def check_context_bytes(data: bytes) -> CheckedContext:
     if not isinstance(atoms, tuple) or not isinstance(molecules, tuple) or not isinstance(removed, tuple):
         raise DecodeError("context: expected arrays of atoms, molecules and removed ids")
     if molecules:
-        ctx = decode_context(data, verify=True)
-        return CheckedContext(ctx.base_hash, atomindex.build(ctx))
+        return _of_context(decode_context(data, verify=True))
     if not isinstance(metadata, dict):
         raise DecodeError("context.metadata: expected a map")
     _check_removed(removed)
@@ -87,7 +105,8 @@ def check_context_bytes(data: bytes) -> CheckedContext:
     ids, relevances, contents = _check_atoms(atoms)
     if _pack(raw) != data:
         raise DecodeError("bytes are not in canonical form")
-    return CheckedContext(None if base is None else base.hex(), atomindex.assemble(ids, relevances, contents, removed))
+    return CheckedContext(None if base is None else base.hex(), atomindex.assemble(ids, relevances, contents, removed),
+                          len(atoms), len(removed), max(relevances, default=0.0))
 
 
 def _check_removed(removed: tuple) -> None:

@@ -137,8 +137,9 @@ class ContextStore(Protocol):
 # (id, update, bytes), each in batch order, and every id in batch order.
 _Checked = tuple[list[tuple[str, CompressedContext | CheckedContext, bytes]], list[refstore.Entry], list[str]]
 _Object = CompressedContext | CheckedContext | RefUpdate
-# A caller's rules for the contexts of a put (raises to refuse it all).
-_Check = Callable[[list[CompressedContext]], None]
+# A caller's rules for the contexts of a put (raises to refuse it all):
+# it sees each context's id, what the check of its bytes found, and the bytes.
+_Check = Callable[[list[tuple[str, CheckedContext, bytes]]], None]
 
 
 def _decode_batch(blobs: Sequence[bytes], *, objects: bool = True) -> list[tuple[_Object, bytes]]:
@@ -212,7 +213,7 @@ class InMemoryContextStore:
         """`put_encoded` of every batch, all or nothing (see the SQLite store)."""
         checked = _check_encoded(_decode_batch([blob for batch in batches for blob in batch]), self.has)
         if check is not None:
-            check([ctx for _cid, ctx, _data in checked[0]])
+            check([(cid, check_context_bytes(data), data) for cid, _ctx, data in checked[0]])
         return self._insert(checked)
 
     def put_ref_updates(self, updates: Sequence[RefUpdate]) -> list[str]:
@@ -513,11 +514,12 @@ class SQLiteContextStore:
         daemon): each batch is verified and inserted in turn, and a later
         batch may build on an earlier one (the transaction sees its own
         rows). The batches may be read lazily, e.g. from a spool file.
-        `check(contexts)`, if given, sees each batch's contexts before they
-        are inserted (reads inside it see the batches before) and refuses
-        the whole put by raising: the rules for contexts written here.
+        `check(contexts)`, if given, sees each batch's contexts (id, what
+        checking the bytes found, the bytes) before they are inserted
+        (reads inside it see the batches before) and refuses the whole put
+        by raising: the rules for contexts written here.
         """
-        return self._insert_batches((_decode_batch(blobs, objects=check is not None) for blobs in batches), check)
+        return self._insert_batches((_decode_batch(blobs, objects=False) for blobs in batches), check)
 
     def put_ref_updates(self, updates: Sequence[RefUpdate]) -> list[str]:
         """Store ref updates made here (by `refs.updates_for_write`), in order."""
@@ -549,7 +551,7 @@ class SQLiteContextStore:
                 for pairs in batches:
                     contexts, updates, ids = _check_encoded(pairs, held)
                     if check is not None:
-                        check([ctx for _cid, ctx, _data in contexts])
+                        check(contexts)  # CheckedContexts: decoded with objects=False
                     self._insert_contexts(contexts, depths)
                     refstore.sqlite_insert(self._db, updates)
                     order += ids

@@ -350,6 +350,8 @@ async def test_the_daemon_refuses_what_no_one_should_write_from_any_client(tmp_p
         "relevance above 1": root(atom("too sure", 1.5)),
         "removes from nothing": delta(base, atom("x", 0.5), removed=["ab" * 32]),
     }
+    needles = {"empty root": "must add at least one atom", "relevance above 1": "delta_atoms[0].relevance_score",
+               "removes from nothing": "ab" * 6}
     with trio.fail_after(GUARD):
         async with LocalClient.connect(node.paths) as client:
             assert await client.push([base]) == [base.id]
@@ -357,6 +359,7 @@ async def test_the_daemon_refuses_what_no_one_should_write_from_any_client(tmp_p
                 with pytest.raises(LocalApiError) as info:
                     await client.push([small(1)[0], ctx])  # in a push of many: none of it is kept
                 assert info.value.code is ErrorCode.BAD_REQUEST, label
+                assert needles[label] in str(info.value), label  # the broken rule, named
                 with pytest.raises(LocalApiError):
                     await client.push([ctx])  # alone
             from sync.refs import make_update

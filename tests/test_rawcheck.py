@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from helpers import atom, delta, molecule, root
 from sync import atomindex, rawcheck
 from sync.codec import DecodeError, decode_context, encode_context
-from sync.model import MAX_METADATA_DEPTH, Kind, TypeSignature
+from sync.model import MAX_METADATA_DEPTH, Kind, TypeSignature, check_new_context
 from sync.rawcheck import CheckedContext, check_context_bytes
 from test_codec import FUZZ, PROPERTY, SAMPLE, _mutations, _nested_type_bytes, contexts, pack, raw_of
 
@@ -36,7 +36,10 @@ def agree(data: bytes) -> bool:
         checked = None
     assert (ctx is None) == (checked is None), f"decode_context {'refused' if ctx is None else 'accepted'} {data!r:.200}"
     if ctx is not None:
-        assert checked == CheckedContext(ctx.base_hash, atomindex.build(ctx))
+        relevances = [a.relevance_score for a in ctx.delta_atoms]
+        relevances += [a.relevance_score for m in ctx.delta_molecules for a in m.atoms]
+        assert checked == CheckedContext(ctx.base_hash, atomindex.build(ctx), len(ctx.delta_atoms) + len(ctx.delta_molecules),
+                                         len(ctx.removed_hashes), max(relevances, default=0.0))
     return ctx is not None
 
 
@@ -217,3 +220,30 @@ def test_the_type_cache_keeps_only_small_types_and_only_so_many(monkeypatch):
 def test_molecules_take_the_models_path():
     ctx = root(atom("a"), molecules=[molecule(atom("m"), relations={"r": [(0, 0)]})])
     assert agree(encode_context(ctx))
+
+
+@PROPERTY
+@given(contexts)
+def test_the_rules_for_new_contexts_are_judged_as_the_model_judges_them(ctx):
+    try:
+        check_new_context(ctx)
+        accepted = True
+    except ValueError:
+        accepted = False
+    assert check_context_bytes(encode_context(ctx)).meets_new_context_rules() == accepted
+
+
+@pytest.mark.parametrize("ctx,accepted", [
+    (root(atom("a", 1.0)), True),
+    (root(atom("a", 1.0000001)), False),
+    (root(), False),
+    (root(removed=["11" * 32]), False),
+    (root(atom("a"), removed=["11" * 32]), False),
+    (root(molecules=[molecule(atom("m", 0.5))]), True),
+    (root(molecules=[molecule(atom("m", 1.5))]), False),
+    (delta("11" * 32), True),
+    (delta("11" * 32, removed=["22" * 32]), True),
+    (delta("11" * 32, atom("a", 2.0)), False),
+])
+def test_the_rules_for_new_contexts_on_hand_made_cases(ctx, accepted):
+    assert check_context_bytes(encode_context(ctx)).meets_new_context_rules() == accepted
