@@ -333,12 +333,10 @@ def _mutations(data: bytes):
     )
 
 
-@FUZZ
-@given(st.data())
-def test_fuzz_mutated_valid_encodings_only_decode_error(data):
-    ctx = data.draw(st.sampled_from([SAMPLE, root(), root(atom("x")), root(note=[1, {"a": 2.5}])]) | contexts)
-    buf = bytearray(encode_context(ctx))
-    for op, pos, byte in data.draw(_mutations(bytes(buf))):
+def mutated(encoded: bytes, data) -> bytes:
+    """`encoded` with a few bytes flipped, set, inserted or deleted (drawn from `data`)."""
+    buf = bytearray(encoded)
+    for op, pos, byte in data.draw(_mutations(encoded)):
         pos %= max(len(buf), 1)
         if op == "flip" and buf:
             buf[pos] ^= 1 << (byte % 8)
@@ -348,6 +346,14 @@ def test_fuzz_mutated_valid_encodings_only_decode_error(data):
             buf.insert(pos, byte)
         elif op == "delete" and buf:
             del buf[pos]
+    return bytes(buf)
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_mutated_valid_encodings_only_decode_error(data):
+    ctx = data.draw(st.sampled_from([SAMPLE, root(), root(atom("x")), root(note=[1, {"a": 2.5}])]) | contexts)
+    buf = mutated(encode_context(ctx), data)
     for verify in (True, False):
         try:
             back = decode_context(bytes(buf), verify=verify)

@@ -16,7 +16,7 @@ from sync import atomindex, rawcheck
 from sync.codec import DecodeError, decode_context, encode_context
 from sync.model import MAX_METADATA_DEPTH, Kind, TypeSignature, check_new_context
 from sync.rawcheck import CheckedContext, check_context_bytes
-from test_codec import FUZZ, PROPERTY, SAMPLE, _mutations, _nested_type_bytes, contexts, pack, raw_of
+from test_codec import FUZZ, PROPERTY, SAMPLE, _nested_type_bytes, contexts, mutated, pack, raw_of
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MIN_US = (datetime.min.replace(tzinfo=timezone.utc) - EPOCH) // datetime.resolution
@@ -74,18 +74,7 @@ def test_a_chain_and_a_delta_with_repeats_and_removals():
 @given(st.data())
 def test_mutated_encodings_get_the_same_verdict(data):
     ctx = data.draw(st.sampled_from([SAMPLE, root(atom("x")), delta("11" * 32, atom("y"), removed={"22" * 32})]) | contexts)
-    buf = bytearray(encode_context(ctx))
-    for op, pos, byte in data.draw(_mutations(bytes(buf))):
-        pos %= max(len(buf), 1)
-        if op == "flip" and buf:
-            buf[pos] ^= 1 << (byte % 8)
-        elif op == "set" and buf:
-            buf[pos] = byte
-        elif op == "insert":
-            buf.insert(pos, byte)
-        elif op == "delete" and buf:
-            del buf[pos]
-    agree(bytes(buf))
+    agree(mutated(encode_context(ctx), data))
 
 
 def _raw_sample_edits():
