@@ -456,7 +456,24 @@ def test_the_token_estimate_counts_the_words_str_split_finds(text):
     assert estimate_tokens(text) == len(text.split()) * 13 // 10
 
 
+# Long wordy text, so that the word marks (not str.split) count: words of
+# any ASCII and a few other characters, joined by runs of separators that
+# hold a space more often than not.
+_WORDY = st.lists(
+    st.tuples(st.text(alphabet=st.characters(max_codepoint=127) | st.sampled_from("é語"), max_size=6),
+              st.sampled_from([" ", "  ", " \t", "\n", "\x1c ", " \x0b"])),
+    min_size=80, max_size=300,
+).map(lambda pairs: "".join(word + gap for word, gap in pairs))
+
+
+@settings(max_examples=150, deadline=None)
+@given(_WORDY)
+def test_the_token_estimate_of_long_text_counts_the_words_str_split_finds(text):
+    assert estimate_tokens(text) == len(text.split()) * 13 // 10
+
+
 @pytest.mark.parametrize("text,words", [("", 0), (" ", 0), ("a", 1), ("\x1ca\x1fb\x0bc\t\n", 3), ("a  b ", 2),
-                                        ("a\u00a0b", 2), ("\x00 \x7f", 2)])
+                                        ("a\u00a0b", 2), ("\x00 \x7f", 2), (" x\x1fy" * 100, 200),
+                                        ("\tx " * 50 + "ab" * 600, 51), ("ab" * 600 + " x" * 50, 51)])
 def test_the_token_estimate_of_some_edges(text, words):
     assert estimate_tokens(text) == words * 13 // 10
