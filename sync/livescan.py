@@ -205,7 +205,9 @@ def _removed_here(index: AtomIndex, prefixes: list[int], matches: set[int], remo
         at = ids.find(needle)
         while at > 0 and at % size:
             at = ids.find(needle, at + 1)
-        j = prefixes.index(prefix) if at < 0 else at // size  # (not found: a prefix that is no id's start)
+        # Not found only for prefixes that are not the ids' first bytes (a
+        # test replaces _prefixes to force collisions): the list knows.
+        j = prefixes.index(prefix) if at < 0 else at // size
         if ids[j * size : (j + 1) * size] not in removed_above:
             return None
         dead.add(j)

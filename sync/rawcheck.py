@@ -83,7 +83,7 @@ def _of_context(ctx: CompressedContext) -> CheckedContext:
 
 
 def check_context_bytes(data: bytes) -> CheckedContext:
-    """The base and atom index of canonical context bytes from outside;
+    """A CheckedContext of canonical context bytes from outside;
     DecodeError for exactly the bytes decode_context(verify=True) refuses.
     Bounded as unpack_bounded is (MAX_CONTEXT_BYTES)."""
     raw = unpack_bounded(data, MAX_CONTEXT_BYTES)
