@@ -89,8 +89,7 @@ def assemble(ids: Sequence[bytes], relevances: Sequence[float], contents: Sequen
              removed: Sequence[bytes]) -> bytes:
     """The atom index of a delta given per atom (delta order) its id,
     relevance and content, and its removed ids ascending."""
-    n = len(ids)
-    if n == 1:  # the most common delta (one remembered fact): nothing to order
+    if len(ids) == 1:  # the most common delta (one remembered fact): nothing to order
         return _ONE.pack(VERSION, 1, len(removed), relevances[0], 0, estimate_tokens(contents[0])) + ids[0] + b"".join(removed)
     # The last occurrence of an id wins; most relevant first, ties in delta order.
     order = sorted({h: position for position, h in enumerate(ids)}.values())
@@ -102,6 +101,11 @@ def assemble(ids: Sequence[bytes], relevances: Sequence[float], contents: Sequen
     numbers = struct.pack(f"<BII{n}d{2 * n}I", VERSION, n, len(removed), *[relevances[p] for p in order], *order,
                           *[estimate_tokens(contents[p]) for p in order])
     return b"".join((numbers, *[ids[p] for p in order], *removed))
+
+
+def removed_count(data: bytes) -> int:
+    """How many ids the delta of a well-formed atom index removes (its header)."""
+    return _HEADER.unpack_from(data)[2]
 
 
 def parse(data: bytes) -> AtomIndex:

@@ -65,8 +65,11 @@ class CheckedContext:
     base_hash: str | None
     index: bytes
     adds: int
-    removes: int
     top_relevance: float
+
+    @property
+    def removes(self) -> int:
+        return atomindex.removed_count(self.index)
 
     def meets_new_context_rules(self) -> bool:
         """True iff model.check_new_context would accept the context."""
@@ -79,7 +82,7 @@ def _of_context(ctx: CompressedContext) -> CheckedContext:
     relevances = [a.relevance_score for a in ctx.delta_atoms]
     relevances += [a.relevance_score for m in ctx.delta_molecules for a in m.atoms]
     return CheckedContext(ctx.base_hash, atomindex.build(ctx), len(ctx.delta_atoms) + len(ctx.delta_molecules),
-                          len(ctx.removed_hashes), max(relevances, default=0.0))
+                          max(relevances, default=0.0))
 
 
 def check_context_bytes(data: bytes) -> CheckedContext:
@@ -106,7 +109,7 @@ def check_context_bytes(data: bytes) -> CheckedContext:
     if _pack(raw) != data:
         raise DecodeError("bytes are not in canonical form")
     return CheckedContext(None if base is None else base.hex(), atomindex.assemble(ids, relevances, contents, removed),
-                          len(atoms), len(removed), max(relevances, default=0.0))
+                          len(atoms), max(relevances, default=0.0))
 
 
 def _check_removed(removed: tuple) -> None:

@@ -39,7 +39,8 @@ def agree(data: bytes) -> bool:
         relevances = [a.relevance_score for a in ctx.delta_atoms]
         relevances += [a.relevance_score for m in ctx.delta_molecules for a in m.atoms]
         assert checked == CheckedContext(ctx.base_hash, atomindex.build(ctx), len(ctx.delta_atoms) + len(ctx.delta_molecules),
-                                         len(ctx.removed_hashes), max(relevances, default=0.0))
+                                         max(relevances, default=0.0))
+        assert checked.removes == len(ctx.removed_hashes)
     return ctx is not None
 
 
