@@ -18,6 +18,7 @@ without its base.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import threading
@@ -167,12 +168,18 @@ def _encode_updates(updates: Sequence[RefUpdate]) -> list[tuple[_Object, bytes]]
     return [(u, encode_update(u)) for u in updates]
 
 
-def _check_encoded(pairs: Sequence[tuple[_Object, bytes]], has) -> _Checked:
-    """Check every base and every target is held or earlier in the batch."""
+def _check_encoded(pairs: Sequence[tuple[_Object, bytes]], has,
+                   look_up: Callable[[set[str]], None] | None = None) -> _Checked:
+    """Check every base and every target is held or earlier in the batch.
+    `look_up`, if given, first sees every base and target that the batch
+    does not bring itself, to find them at once before `has` is asked."""
     contexts, updates, order = [], [], []
     known: set[str] = set()
-    for obj, data in pairs:
-        oid = bytes_id(data)
+    oids = [bytes_id(data) for _obj, data in pairs]
+    if look_up is not None:
+        inside = set(oids)
+        look_up({ref for obj, _data in pairs if (ref := _needs(obj)) is not None and ref not in inside})
+    for (obj, data), oid in zip(pairs, oids):
         if isinstance(obj, RefUpdate):
             if obj.target is not None and obj.target not in known and not has(obj.target):
                 raise MissingTarget(oid, obj.name, obj.target)
@@ -186,6 +193,11 @@ def _check_encoded(pairs: Sequence[tuple[_Object, bytes]], has) -> _Checked:
             contexts.append((oid, obj, data))
         order.append(oid)
     return contexts, updates, order
+
+
+def _needs(obj: _Object) -> str | None:
+    """The object a checked object must come after: its base or target."""
+    return obj.target if isinstance(obj, RefUpdate) else obj.base_hash
 
 
 class InMemoryContextStore:
@@ -549,7 +561,7 @@ class SQLiteContextStore:
         with self._lock:
             with self._transaction():
                 for pairs in batches:
-                    contexts, updates, ids = _check_encoded(pairs, held)
+                    contexts, updates, ids = _check_encoded(pairs, held, functools.partial(self._look_up_depths, depths))
                     if check is not None:
                         check(contexts)  # CheckedContexts: decoded with objects=False
                     self._insert_contexts(contexts, depths)
@@ -583,6 +595,15 @@ class SQLiteContextStore:
         self._db.executemany(
             "INSERT OR IGNORE INTO contexts (id, base, depth, data, atom_index) VALUES (?, ?, ?, ?, ?)", rows
         )
+
+    def _look_up_depths(self, depths: dict[str, int], context_ids: set[str]) -> None:
+        """Depths of those of `context_ids` held here, into `depths`: a
+        put's bases from earlier puts (a bulk sync commits children a
+        transaction after their parents) cost one SELECT per chunk, not one
+        each (~10 µs)."""
+        for chunk in _id_chunks([c for c in context_ids if c not in depths]):
+            rows = self._db.execute(f"SELECT id, depth FROM contexts WHERE id IN ({_marks(chunk)})", chunk)
+            depths.update((oid.hex(), depth) for oid, depth in rows)
 
     def _depth(self, context_id: str) -> int:
         depth = self._depth_or_none(context_id)

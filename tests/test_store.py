@@ -304,6 +304,32 @@ def test_fsck_after_reopen_sees_tampering(tmp_path, family):
         s.close()
 
 
+def test_bases_from_earlier_puts_are_looked_up_together_and_give_the_right_depths(tmp_path):
+    """A bulk sync commits children a transaction after their parents: their
+    depths come from one SELECT per 500 bases, not one per child."""
+    store = SQLiteContextStore(tmp_path / "s.db")
+    parents = [root(atom(f"parent {i}")) for i in range(700)]
+    grandparent = root(atom("grandparent"))
+    deep = delta(grandparent, atom("deep"))
+    store.put_many([grandparent, deep, *parents])
+    children = [delta(p, atom(f"child {i}")) for i, p in enumerate(parents)]
+    inside = delta(children[0], atom("grandchild, its base in the same put"))
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    try:
+        store.put_encoded_batches([[encode_context(c) for c in children[:600]],
+                                   [encode_context(c) for c in children[600:] + [inside, delta(deep, atom("x"))]]])
+    finally:
+        store._db.set_trace_callback(None)
+    lookups = [q for q in statements if "depth" in q and q.lstrip().upper().startswith("SELECT")]
+    assert len(lookups) == 3 and all(" IN (" in q for q in lookups), lookups  # 500 + 100, then 100 + deep
+    depth = dict(store._db.execute("SELECT lower(hex(id)), depth FROM contexts"))
+    assert {depth[c.id] for c in children} == {1} and depth[inside.id] == 2
+    assert depth[delta(deep, atom("x")).id] == 2
+    assert list(store.fsck()) == []
+    store.close()
+
+
 def test_a_full_disk_is_a_clear_store_error_and_changes_nothing(tmp_path):
     """SQLITE_FULL once surfaced as "cannot rollback - no transaction is
     active": SQLite had rolled back itself, and our ROLLBACK hid the cause.
