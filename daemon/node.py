@@ -13,6 +13,7 @@ import collections
 import contextlib
 import functools
 import heapq
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
@@ -149,16 +150,16 @@ class Node(PeerTable):
     async def add_received(self, batches: Sequence[Sequence[bytes]]) -> tuple[list[str], int]:
         """add_encoded of the batches' objects in one transaction, decoded a
         batch at a time (memory for one batch's contexts, not all of them);
-        the ids, and how many of the objects were new here."""
-        blobs = [blob for batch in batches for blob in batch]
-        ref_positions = [k for k, blob in enumerate(blobs) if refs.is_ref_update_bytes(blob)]
+        the ids, and how many of the objects were new here. The batches are
+        read blob by blob, never all at once (see sync/packed.py)."""
         if len(batches) == 1:
             ids = await self._put(self.store.put_encoded, batches[0])
         else:
             ids = await self._put(self.store.put_encoded_batches, batches)
         # Ids come back one per blob, in order: no second hash to tell which are new.
         new = {i for i in ids if not self.holds(bytes.fromhex(i))}
-        new_refs = [blobs[k] for k in ref_positions if ids[k] in new]
+        new_refs = [blob for i, blob in zip(ids, itertools.chain.from_iterable(batches))
+                    if i in new and refs.is_ref_update_bytes(blob)]
         self._stored(ids)
         if new_refs:
             # Stored and verified: decoding again is only unpacking.

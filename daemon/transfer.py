@@ -22,6 +22,7 @@ import collections
 import logging
 from collections.abc import Iterable
 
+import attrs
 import trio
 
 from daemon.fetches import FETCH_STALL_SECONDS
@@ -30,6 +31,7 @@ from sync import reconcile
 from sync.codec import DecodeError, bytes_id
 from sync.errors import ErrorCode
 from sync.messages import MAX_IDS_PER_MESSAGE, MAX_OBJECTS_PER_MESSAGE, Ack, Error, Objects, Want
+from sync.packed import PackedBlobs
 from sync.store import MissingBase, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -43,15 +45,26 @@ OBJECTS_BATCH_BYTES = 4 * 1024 * 1024
 # 32 MB of WANTs, handed to the writer as it drains (8 messages at a time)
 # rather than all at once past the session's control backlog.
 WANT_BACKLOG = 1024 * 1024
+# Objects committed in one transaction at most. What arrived while the last
+# commit ran goes into the next one up to this: a window of small contexts
+# (~100k) is not one transaction's worth of ids, depths and rows held at
+# once, and an fsync stays a small part of a commit of this many.
+COMMIT_MAX_OBJECTS = 4 * MAX_OBJECTS_PER_MESSAGE
 
 
 class PushRefused(Exception):
     """The peer refused a push while it waited for credit (never leaves _push)."""
 
 
-# One received OBJECTS message waiting for the storer: (stream, its payload
-# size, to credit back once stored, the message).
-_Received = tuple[int, int, Objects]
+@attrs.frozen
+class _Received:
+    """One received OBJECTS message waiting for the storer."""
+
+    stream_id: int
+    size: int  # of its payload: credit to give back once stored
+    ids: tuple[bytes, ...]  # version 1: the ids it gave for its objects
+    objects: PackedBlobs  # one buffer while it waits (see sync/packed.py)
+    final: bool
 
 
 class ObjectTransfer:
@@ -123,7 +136,7 @@ class ObjectTransfer:
     # ------------------------------------------------------------ messages from the reader
 
     def _on_objects(self, stream_id: int, size: int, message: Objects) -> None:
-        self._received.append((stream_id, size, message))
+        self._received.append(_Received(stream_id, size, message.ids, PackedBlobs(message.objects), message.final))
         self._received_wake.set()
 
     def _on_ack(self, stream_id: int, message: Ack) -> None:
@@ -247,26 +260,31 @@ class ObjectTransfer:
             while not self._received:
                 self._received_wake = trio.Event()
                 await self._received_wake.wait()
-            # Everything that arrived while the last commit ran: one
-            # transaction, one fsync. (Bounded by our receive window.)
-            arrived = [self._received.popleft() for _ in range(len(self._received))]
+            # What arrived while the last commit ran: one transaction, one
+            # fsync (up to COMMIT_MAX_OBJECTS; bounded by our receive window).
+            arrived = [self._received.popleft()]
+            count = len(arrived[0].objects)
+            while self._received and count + len(self._received[0].objects) <= COMMIT_MAX_OBJECTS:
+                arrived.append(self._received.popleft())
+                count += len(arrived[-1].objects)
             await self._store(arrived)
             del arrived  # an idle storer keeps no messages alive
 
     async def _store(self, arrived: list[_Received]) -> None:
-        checked = [item for item in arrived if await self._check_ids(*item)]
+        checked = [item for item in arrived if await self._check_ids(item)]
         if len(checked) > 1 and await self._commit(checked, alone=False):
             return
         for item in checked:  # one at a time, so that a refusal names its message
             await self._commit([item], alone=True)
 
-    async def _check_ids(self, stream_id: int, size: int, message: Objects) -> bool:
+    async def _check_ids(self, item: _Received) -> bool:
         """Ids given (version 1) must be the hashes of their bytes; a message
         with one that is not is refused whole (corrupted or forged)."""
-        bad = next((i for i, d in zip(message.ids, message.objects) if bytes_id(d) != i.hex()), None)
+        bad = next((i for i, d in zip(item.ids, item.objects) if bytes_id(d) != i.hex()), None)
         if bad is None:
             return True
-        await self._release(stream_id, size)
+        stream_id = item.stream_id
+        await self._release(stream_id, item.size)
         await self.answer(Error(code=int(ErrorCode.INVALID_OBJECT), message=f"object {bad.hex()} does not match its bytes"), stream_id)
         self.info.error = f"peer sent object {bad.hex()[:12]} whose bytes do not match its id"
         _warn.warning(f"{self.info.address}:invalid", "peer %s: %s", self.info.address, self.info.error)
@@ -278,32 +296,33 @@ class ObjectTransfer:
         ACK each message. False if it failed and not `alone` (nothing is
         stored; the caller stores them one by one to say which failed)."""
         try:
-            ids, fresh = await self.node.add_received([m.objects for _s, _z, m in items])
+            ids, fresh = await self.node.add_received([item.objects for item in items])
         except (StoreError, DecodeError) as exc:
             if not alone:
                 return False
-            await self._refuse(*items[0], exc)
+            await self._refuse(items[0], exc)
             return True
         now = trio.current_time()
         self.node.fetches.progressed(self, now)
         self.info.objects_received += fresh
-        self._tally.received(fresh, sum(len(b) for _s, _z, m in items for b in m.objects), now)
+        self._tally.received(fresh, sum(item.objects.nbytes for item in items), now)
         start = 0
-        for stream_id, size, message in items:
-            mine, start = ids[start:start + len(message.objects)], start + len(message.objects)
-            await self._release(stream_id, size)
-            await self.answer(Ack(ids=tuple(bytes.fromhex(i) for i in mine)), stream_id)
-            if message.final:
-                self.conn.close_stream(stream_id)
+        for item in items:
+            mine, start = ids[start:start + len(item.objects)], start + len(item.objects)
+            await self._release(item.stream_id, item.size)
+            await self.answer(Ack(ids=tuple(bytes.fromhex(i) for i in mine)), item.stream_id)
+            if item.final:
+                self.conn.close_stream(item.stream_id)
         return True
 
-    async def _refuse(self, stream_id: int, size: int, message: Objects, exc: Exception) -> None:
+    async def _refuse(self, item: _Received, exc: Exception) -> None:
         # What we asked this peer for may be asked again, of it or of
         # another, at the next reconciliation: not at once, which for a
         # missing base would ask for the same again until the base came.
         # (A base that arrives changes our root: peers reconcile then.)
         self.node.release_fetches(self, resync=False)
-        await self._release(stream_id, size)
+        stream_id = item.stream_id
+        await self._release(stream_id, item.size)
         if isinstance(exc, StoreUnavailable):
             code = ErrorCode.UNAVAILABLE  # it resends once we reconcile again (Node._watch_store)
         elif isinstance(exc, MissingBase):

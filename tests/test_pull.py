@@ -195,6 +195,27 @@ async def test_messages_that_queue_behind_a_commit_are_committed_together(tmp_pa
         nursery.cancel_scope.cancel()
 
 
+async def test_a_joint_commit_takes_at_most_commit_max_objects(tmp_path, monkeypatch):
+    import daemon.transfer
+
+    monkeypatch.setattr(daemon.transfer, "MAX_OBJECTS_PER_MESSAGE", 50)
+    monkeypatch.setattr(daemon.transfer, "COMMIT_MAX_OBJECTS", 120)
+    async with trio.open_nursery() as nursery:
+        holder = await start_node(nursery, tmp_path, "holder")
+        ids = await holder.add_contexts([context(f"bulk {i}") for i in range(1000)])
+        taker = await start_node(nursery, tmp_path, "taker")
+        calls: list[int] = []
+        await _slow_first_commit(monkeypatch, taker, calls)
+        nursery.start_soon(taker._dial_forever, holder.listen_address, "static")
+        await wait_converged([holder, taker])
+        assert await taker.run_sync(lambda: sorted(taker.store.ids())) == sorted(ids)
+        # Everything queued behind the slow first commit, yet no later
+        # commit took more than two 50-object messages (120 would not fit a third).
+        assert sum(calls) == 1000 and max(calls) == 100 and len(calls) >= 10
+        assert _sent_to([holder], taker.node_id) == 1000
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_refused_message_in_a_joint_commit_costs_only_itself(tmp_path, monkeypatch):
     import daemon.transfer
 
