@@ -56,8 +56,8 @@ STORE_RETRY_SECONDS = 5.0
 # timeout; members from other addresses always find room.
 MAX_HANDSHAKES = 128
 MAX_HANDSHAKES_PER_HOST = 16
-# How long stored ids may wait for running reconciliations before entering
-# the in-memory set (and the root) anyway.
+# How long stored ids may wait for running reconciliations, or for the rest
+# of a fetch, before entering the in-memory set (and the root) anyway.
 MAX_INDEX_DELAY = 2.0
 # How long a session that would reconcile waits for the node's other
 # sessions to finish theirs and to bring what they asked for (see
@@ -99,8 +99,8 @@ class Node(PeerTable):
         # Catches the full-text index up after writes settle (poked by _put).
         self.text_indexer = TextIndexer(lambda: self.run_sync(self.store.index_text_page))
         self._reconciling = 0
-        self._pending_ids: set[bytes] = set()  # stored, not yet in the index
-        self._pending_since = 0.0
+        self._pending_ids: set[bytes] = set()  # stored, not yet in the index (never in it)
+        self._pending_since = 0.0  # when the oldest of them was stored
         self._watchers: set[Callable[[], None]] = set()
         self._ref_watchers: set[Callable[[str], None]] = set()
         # What status shows of refs, kept in memory so status() never waits
@@ -157,14 +157,14 @@ class Node(PeerTable):
         else:
             ids = await self._put(self.store.put_encoded_batches, batches)
         # Ids come back one per blob, in order: no second hash to tell which are new.
-        new = {i for i in ids if not self.holds(bytes.fromhex(i))}
-        new_refs = [blob for i, blob in zip(ids, itertools.chain.from_iterable(batches))
-                    if i in new and refs.is_ref_update_bytes(blob)]
-        self._stored(ids)
+        stored = [bytes.fromhex(i) for i in ids]
+        new_refs = [blob for oid, blob in zip(stored, itertools.chain.from_iterable(batches))
+                    if refs.is_ref_update_bytes(blob) and not self.holds(oid)]
+        fresh = self._stored(stored)
         if new_refs:
             # Stored and verified: decoding again is only unpacking.
             self._refs_changed(sorted({refs.decode_update(b, verify=False).name for b in new_refs}))
-        return ids, len(new)
+        return ids, fresh
 
     async def add_batches(self, batches: Callable[[], Iterable[Sequence[bytes]]]) -> list[str]:
         """Verify and store contexts written here (no ref updates), read
@@ -174,8 +174,9 @@ class Node(PeerTable):
         (ValueError, UnheldRemoval: see `_check_written`); else raises as
         add_encoded."""
         store = self.store
-        return self._stored(await self._put(
-            lambda: store.put_encoded_batches(batches(), check=functools.partial(_check_written, store))))
+        ids = await self._put(lambda: store.put_encoded_batches(batches(), check=functools.partial(_check_written, store)))
+        self._stored([bytes.fromhex(i) for i in ids])
+        return ids
 
     async def _put(self, put: Callable, *args) -> list[str]:
         if self.store_error is not None and trio.current_time() < self._store_retry_at:
@@ -190,18 +191,24 @@ class Node(PeerTable):
             self._store_recovered()
         return ids
 
-    def _stored(self, ids: list[str]) -> list[str]:
+    def _stored(self, ids: list[bytes]) -> int:
         """Committed ids enter the index (and the root changes once) now, or
-        when the reconciliations in progress end."""
-        stored = [bytes.fromhex(i) for i in ids]
+        when the reconciliations in progress end, or when the objects this
+        node asked its peers for have all come: a bulk fetch merges into the
+        id set once, not once per commit (each merge rewrites most leaves of
+        a large set). MAX_INDEX_DELAY bounds the wait. How many were new."""
         if self.fetches.owed():
-            self.fetches.arrived(stored)
+            self.fetches.arrived(ids)
             self._poke_turn()
-        self._pending_ids.update(stored)
-        stale = trio.current_time() - self._pending_since > MAX_INDEX_DELAY
-        if not self._reconciling or stale:
+        new = [i for i in ids if not self.holds(i)]
+        now = trio.current_time()
+        if not self._pending_ids:
+            self._pending_since = now
+        self._pending_ids.update(new)
+        stale = now - self._pending_since > MAX_INDEX_DELAY
+        if not (self._reconciling or self.fetches.owed()) or stale:
             self._apply_pending()
-        return ids
+        return len(new)
 
     # ------------------------------------------------------------ refs
 
@@ -309,7 +316,7 @@ class Node(PeerTable):
             self._update_ref_summary(await self.run_sync(lambda: {n: store.ref_value(n) for n in names}))
 
     async def _apply_stale_ids(self) -> None:
-        """New ids never wait on reconciliations for longer than MAX_INDEX_DELAY."""
+        """New ids never wait for longer than MAX_INDEX_DELAY."""
         while True:
             await trio.sleep(MAX_INDEX_DELAY / 2)
             if self._pending_ids and trio.current_time() - self._pending_since > MAX_INDEX_DELAY:
@@ -317,7 +324,6 @@ class Node(PeerTable):
 
     def _apply_pending(self) -> None:
         pending, self._pending_ids = self._pending_ids, set()
-        self._pending_since = trio.current_time()
         if pending and self.index.add_many(pending):
             self._root_changed()
 
@@ -325,8 +331,6 @@ class Node(PeerTable):
     # checks it). New ids wait while sessions run, for at most this long;
     # then they go in anyway and the sessions restart.
     def begin_reconcile(self) -> None:
-        if not self._reconciling:
-            self._pending_since = trio.current_time()
         self._reconciling += 1
 
     def end_reconcile(self) -> None:
@@ -478,7 +482,7 @@ class Node(PeerTable):
             "node_id": self.node_id,
             "listen": listen,
             "root": root.hex(),
-            "objects": len(self.index),
+            "objects": len(self.index) + len(self._pending_ids),  # committed, in the root or not yet
             "store_error": self.store_error,
             "refs": len(self._ref_names),
             "conflicts": heapq.nsmallest(MAX_STATUS_CONFLICTS, self._ref_conflicts),

@@ -264,3 +264,32 @@ async def test_a_peer_that_never_brings_what_was_asked_loses_the_request(tmp_pat
         assert mute.node_id in newcomer.sessions  # it was not the session ending that did it
         assert await newcomer.run_sync(lambda: sorted(newcomer.store.ids())) == sorted(ids)
         nursery.cancel_scope.cancel()
+
+
+async def test_ids_stored_while_more_are_on_the_way_enter_the_root_together(tmp_path, monkeypatch):
+    """A bulk fetch merges into the id set once, not once per commit; what
+    never comes holds the rest up for MAX_INDEX_DELAY at most."""
+    import daemon.node
+    from sync.codec import encode_context
+
+    monkeypatch.setattr(daemon.node, "MAX_INDEX_DELAY", 0.3)
+    async with trio.open_nursery() as nursery:
+        node = await start_node(nursery, tmp_path, "taker")
+        contexts = [context(f"asked for {i}") for i in range(4)]
+        ids = [bytes.fromhex(c.id) for c in contexts]
+        node.fetches.claim("a session", ids, trio.current_time())
+        empty = node.root()
+        await node.add_encoded([encode_context(c) for c in contexts[:2]])
+        assert all(node.holds(i) for i in ids[:2]) and node.root() == empty and len(node.index) == 0
+        await trio.sleep(0.4)  # older than the bound: the next commit applies everything
+        await node.add_encoded([encode_context(contexts[2])])
+        assert len(node.index) == 3
+        third = node.root()
+        node.fetches.claim("a session", [bytes.fromhex(context("late").id)], trio.current_time())
+        await node.add_encoded([encode_context(contexts[3])])  # still one owed: it waits...
+        assert len(node.index) == 3 and node.holds(ids[3])
+        with trio.fail_after(5):  # ...until the bound runs out (Node._apply_stale_ids)
+            while len(node.index) < 4:
+                await trio.sleep(0.05)
+        assert node.root() not in (empty, third)
+        nursery.cancel_scope.cancel()
