@@ -18,6 +18,10 @@ again (often finding nothing left: one state check, no transaction).
 
 A store that cannot be written (disk full) pauses indexing until the
 next poke; the node's own watch (`Node._watch_store`) reports the state.
+
+After each catch-up the task awaits `settled()`, if given: writes have
+paused and the index is current, a moment for housekeeping that should
+not run during a burst (the node hands free heap back, daemon/heap.py).
 """
 
 from __future__ import annotations
@@ -57,8 +61,10 @@ class TextIndexer:
     returning how many contexts it indexed (0: the index is current) — until
     it returns 0, after writes settle."""
 
-    def __init__(self, index_page: Callable[[], Awaitable[int]]) -> None:
+    def __init__(self, index_page: Callable[[], Awaitable[int]],
+                 settled: Callable[[], Awaitable[object]] | None = None) -> None:
         self._index_page = index_page
+        self._settled = settled
         self._poked = trio.Event()
         self._first_write: float | None = None  # the first write not yet indexed
         self._last_write = 0.0
@@ -88,6 +94,8 @@ class TextIndexer:
             self._running = True
             try:
                 await self._catch_up()
+                if self._settled is not None:
+                    await self._settled()
             finally:
                 self._running = False
 

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from daemon import neterrors
+from daemon import heap, neterrors
 from daemon.config import NodeConfig, format_address, listen_scope
 from daemon.fetches import Fetches
 from daemon.indexer import TextIndexer
@@ -97,7 +97,9 @@ class Node(PeerTable):
         self.sessions: dict[str, Any] = {}  # connected PeerSession by peer node id
         self._store_limiter = trio.CapacityLimiter(1)
         # Catches the full-text index up after writes settle (poked by _put).
-        self.text_indexer = TextIndexer(lambda: self.run_sync(self.store.index_text_page))
+        # It also hands free heap back once a burst is stored and indexed.
+        self.text_indexer = TextIndexer(lambda: self.run_sync(self.store.index_text_page),
+                                        settled=lambda: trio.to_thread.run_sync(heap.trim))
         self._reconciling = 0
         self._pending_ids: set[bytes] = set()  # stored, not yet in the index (never in it)
         self._pending_since = 0.0  # when the oldest of them was stored

@@ -96,3 +96,27 @@ async def test_a_store_that_cannot_be_written_pauses_indexing_until_the_next_pok
         assert text_indexer.statistics().contexts == 10
         nursery.cancel_scope.cancel()
 
+
+
+async def test_settled_runs_after_each_catch_up_never_while_writes_go_on(autojump_clock):
+    store = FakeStore([256, 7])
+    settled: list[tuple[float, int]] = []
+
+    async def note_settled() -> None:
+        settled.append((trio.current_time(), len(store.calls)))
+
+    async with trio.open_nursery() as nursery:
+        text_indexer = TextIndexer(store.index_page, settled=note_settled)
+        await nursery.start(text_indexer.run)
+        start = trio.current_time()
+        for _ in range(3):
+            text_indexer.poke()
+            await trio.sleep(QUIET_SECONDS / 2)
+        assert settled == []  # writes still coming
+        await trio.sleep(QUIET_SECONDS)
+        # Once, after the whole catch-up (three pages asked for, the last empty).
+        assert settled == [(start + QUIET_SECONDS * 2, 3)]
+        text_indexer.poke()
+        await trio.sleep(QUIET_SECONDS * 2)
+        assert len(settled) == 2 and not text_indexer.statistics().pending
+        nursery.cancel_scope.cancel()
