@@ -21,6 +21,9 @@ transfer     N small contexts (roots and chains of depth <= 2, 1-3 short
              then `git repack -a -d`; only the fetch is timed). Ratio
              ctxfs/git; target <= 1.0. A B that does not converge within
              --bound seconds is reported with how much it holds.
+             B's RSS is read when it converges and again once it is idle
+             (its CPU time still for two seconds: it has indexed the text
+             it received and handed free heap back), b_rss_mb_settled.
              Also beside it: Syncthing (below) with the same N blobs as files
              (--syncthing-max-files caps N for it; the ratio is then per item).
 large        the same with LARGE_COUNT contexts of one ~1 MB atom (random hex
@@ -97,6 +100,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench_syncthing  # noqa: E402
 from daemon import cli, localapi, security  # noqa: E402
 from daemon.config import NodeConfig  # noqa: E402
+from daemon.indexer import QUIET_SECONDS  # noqa: E402
 from daemon.node import Node  # noqa: E402
 from daemon.paths import HomePaths  # noqa: E402
 from sync import T_STRING, CompressedContext, MemoryAtom, SQLiteContextStore  # noqa: E402
@@ -267,6 +271,29 @@ class NoConvergence(Exception):
     pass
 
 
+# B is idle once its CPU time grows by less than IDLE_CPU_SECONDS over
+# IDLE_WINDOW_SECONDS (after a bulk sync it waits for writes to settle,
+# indexes the text it received, then hands free heap back: the window is
+# longer than that wait); not idle within IDLE_BOUND_SECONDS: its RSS then
+# is reported, with that wait.
+IDLE_WINDOW_SECONDS = 2 * QUIET_SECONDS
+IDLE_CPU_SECONDS = 0.02
+IDLE_BOUND_SECONDS = 60.0
+
+
+def wait_idle(daemon: Daemon) -> tuple[float, dict]:
+    """Seconds until the daemon went idle (see above), and its RSS then."""
+    start = time.perf_counter()
+    last = cpu_seconds(daemon.proc.pid)[0]
+    while time.perf_counter() - start < IDLE_BOUND_SECONDS:
+        time.sleep(IDLE_WINDOW_SECONDS)
+        now = cpu_seconds(daemon.proc.pid)[0]
+        if now - last < IDLE_CPU_SECONDS:
+            break
+        last = now
+    return time.perf_counter() - start, daemon.rss()
+
+
 def time_daemon_sync(root: Path, a: Daemon, a_status: dict, name: str, bound: float) -> dict:
     """Start an empty daemon peering with A; seconds until its root is A's."""
     b = Daemon(root / name)
@@ -287,12 +314,14 @@ def time_daemon_sync(root: Path, a: Daemon, a_status: dict, name: str, bound: fl
         rss = b.rss()
         b_cpu, a_cpu_end = cpu_seconds(b.proc.pid), cpu_seconds(a.proc.pid)
         b_received = sum(c.get("bytes_received", 0) for c in socket_counters({b.proc.pid}).values())
+        settled_after, rss_settled = wait_idle(b)
     finally:
         b.stop()
     assert status["objects"] == a_status["objects"]
     cpu = {"b_main_thread": b_cpu[1], "b_other_threads": b_cpu[0] - b_cpu[1],
            "a_main_thread": a_cpu_end[1] - a_cpu[1], "a_other_threads": (a_cpu_end[0] - a_cpu[0]) - (a_cpu_end[1] - a_cpu[1])}
     return {"seconds": end - start, "api_up_seconds": api_up - start, "rss": rss, "cpu": cpu,
+            "rss_settled": rss_settled, "settled_after_seconds": settled_after,
             "b_tcp_bytes_received": b_received}
 
 
@@ -723,6 +752,8 @@ def bench_transfer(args, root: Path) -> dict:
         "b_tcp_payload_bytes_received_last_run": runs[-1]["b_tcp_bytes_received"],
         "cpu_seconds_last_run": {k: round(v, 2) for k, v in runs[-1]["cpu"].items()},
         "b_rss_mb_after": round(runs[-1]["rss"]["VmRSS"], 1),
+        "b_rss_mb_settled": round(runs[-1]["rss_settled"]["VmRSS"], 1),
+        "b_settled_after_seconds": round(runs[-1]["settled_after_seconds"], 1),
         "b_hwm_mb": round(runs[-1]["rss"]["VmHWM"], 1),
         "a_hwm_mb": round(a_hwm, 1),
         "git_seconds": round(git_s, 3),
@@ -781,6 +812,8 @@ def bench_large(args, root: Path) -> dict:
         "b_tcp_payload_bytes_received_last_run": runs[-1]["b_tcp_bytes_received"],
         "cpu_seconds_last_run": {k: round(v, 2) for k, v in runs[-1]["cpu"].items()},
         "b_rss_mb_after": round(runs[-1]["rss"]["VmRSS"], 1),
+        "b_rss_mb_settled": round(runs[-1]["rss_settled"]["VmRSS"], 1),
+        "b_settled_after_seconds": round(runs[-1]["settled_after_seconds"], 1),
         "b_hwm_mb": round(runs[-1]["rss"]["VmHWM"], 1),
         "a_hwm_mb": round(a_rss["VmHWM"], 1),
         "disk_fsync_per_context_mb_per_s": round(total / disk_s / 1e6, 1),
