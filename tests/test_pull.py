@@ -270,24 +270,24 @@ async def test_ids_stored_while_more_are_on_the_way_enter_the_root_together(tmp_
     import daemon.node
     from sync.codec import encode_context
 
-    monkeypatch.setattr(daemon.node, "MAX_INDEX_DELAY", 0.3)
+    monkeypatch.setattr(daemon.node, "MAX_INDEX_DELAY", 1.0)
     async with trio.open_nursery() as nursery:
         node = await start_node(nursery, tmp_path, "taker")
-        contexts = [context(f"asked for {i}") for i in range(4)]
+        contexts = [context(f"asked for {i}") for i in range(5)]
         ids = [bytes.fromhex(c.id) for c in contexts]
-        node.fetches.claim("a session", ids, trio.current_time())
+        node.fetches.claim("a session", ids[:4], trio.current_time())
         empty = node.root()
         await node.add_encoded([encode_context(c) for c in contexts[:2]])
-        assert all(node.holds(i) for i in ids[:2]) and node.root() == empty and len(node.index) == 0
-        await trio.sleep(0.4)  # older than the bound: the next commit applies everything
-        await node.add_encoded([encode_context(contexts[2])])
-        assert len(node.index) == 3
-        third = node.root()
-        node.fetches.claim("a session", [bytes.fromhex(context("late").id)], trio.current_time())
-        await node.add_encoded([encode_context(contexts[3])])  # still one owed: it waits...
-        assert len(node.index) == 3 and node.holds(ids[3])
+        assert all(node.holds(i) for i in ids[:2]) and node.status()["objects"] == 2
+        assert node.root() == empty and len(node.index) == 0  # two more on the way
+        await node.add_encoded([encode_context(c) for c in contexts[2:4]])
+        assert len(node.index) == 4  # the last of them: all in at once
+        four = node.root()
+        node.fetches.claim("a session", [bytes.fromhex(context("never comes").id)], trio.current_time())
+        await node.add_encoded([encode_context(contexts[4])])  # one still owed: it waits...
+        assert len(node.index) == 4 and node.holds(ids[4]) and node.status()["objects"] == 5
         with trio.fail_after(5):  # ...until the bound runs out (Node._apply_stale_ids)
-            while len(node.index) < 4:
+            while len(node.index) < 5:
                 await trio.sleep(0.05)
-        assert node.root() not in (empty, third)
+        assert node.root() not in (empty, four)
         nursery.cancel_scope.cancel()
