@@ -509,8 +509,9 @@ class Node(PeerTable):
         self.store = SQLiteContextStore(self.paths.store)
         self.expander = ExpanderFunctor(self.store)
         try:
-            ids = await self.run_sync(lambda: [bytes.fromhex(i) for i in self.store.ids()])
-            self.index = IdSet(ids)
+            # Built in the store's thread from a generator: no list of every
+            # id stays behind in this frame for the node's lifetime.
+            self.index = await self.run_sync(lambda: IdSet(bytes.fromhex(i) for i in self.store.ids()))
             # Watch before reading: a change in between is read again later.
             self.watch_refs(self._note_ref_changed)
             await self._load_ref_summary()

@@ -219,3 +219,27 @@ async def test_objects_stored_through_the_node_are_indexed_before_any_query(tmp_
             hits = await node.run_sync(query)
             assert sorted(hit.content for hit in hits) == [f"entry {i} mentions zebras" for i in (107, 207, 7)]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_node_keeps_no_list_of_the_ids_it_loaded_at_start(tmp_path):
+    """The id set holds the ids packed in leaves; the list they were read
+    into must not outlive the start (100k ids would pin ~8 MB)."""
+    import gc
+
+    from node_helpers import make_home
+    from sync.codec import encode_context
+    from sync.store import SQLiteContextStore
+
+    paths, _node_id = make_home(tmp_path, "a")
+    contexts = [context(f"stored before the start {i}") for i in range(300)]
+    store = SQLiteContextStore(paths.store)
+    store.put_encoded([encode_context(c) for c in contexts])
+    store.close()
+    async with trio.open_nursery() as nursery:
+        node = await start_node(nursery, tmp_path, "a")
+        assert len(node.index) == 300
+        wanted = {bytes.fromhex(c.id) for c in contexts}
+        gc.collect()
+        lists = [o for o in gc.get_objects() if type(o) is list and len(o) == 300 and wanted.issuperset(o)]
+        assert lists == []
+        nursery.cancel_scope.cancel()
