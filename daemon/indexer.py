@@ -19,9 +19,10 @@ again (often finding nothing left: one state check, no transaction).
 A store that cannot be written (disk full) pauses indexing until the
 next poke; the node's own watch (`Node._watch_store`) reports the state.
 
-After each catch-up the task awaits `settled()`, if given: writes have
-paused and the index is current, a moment for housekeeping that should
-not run during a burst (the node hands free heap back, daemon/heap.py).
+After each catch-up the task calls `settled()`, if given (it must not
+block): writes have paused and the index is current, a moment for
+housekeeping that should not run during a burst (the node hands free
+heap back, daemon/heap.py).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class TextIndexer:
     it returns 0, after writes settle."""
 
     def __init__(self, index_page: Callable[[], Awaitable[int]],
-                 settled: Callable[[], Awaitable[object]] | None = None) -> None:
+                 settled: Callable[[], None] | None = None) -> None:
         self._index_page = index_page
         self._settled = settled
         self._poked = trio.Event()
@@ -95,7 +96,7 @@ class TextIndexer:
             try:
                 await self._catch_up()
                 if self._settled is not None:
-                    await self._settled()
+                    self._settled()
             finally:
                 self._running = False
 

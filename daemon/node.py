@@ -97,9 +97,10 @@ class Node(PeerTable):
         self.sessions: dict[str, Any] = {}  # connected PeerSession by peer node id
         self._store_limiter = trio.CapacityLimiter(1)
         # Catches the full-text index up after writes settle (poked by _put).
-        # It also hands free heap back once a burst is stored and indexed.
+        # Once a burst is stored and indexed, free heap goes back too.
         self.text_indexer = TextIndexer(lambda: self.run_sync(self.store.index_text_page),
-                                        settled=lambda: trio.to_thread.run_sync(heap.trim))
+                                        settled=self.release_memory_soon)
+        self._release_memory = trio.Event()
         self._reconciling = 0
         self._pending_ids: set[bytes] = set()  # stored, not yet in the index (never in it)
         self._pending_since = 0.0  # when the oldest of them was stored
@@ -316,6 +317,18 @@ class Node(PeerTable):
             names, self._refs_dirty = self._refs_dirty, set()
             store = self.store
             self._update_ref_summary(await self.run_sync(lambda: {n: store.ref_value(n) for n in names}))
+
+    def release_memory_soon(self) -> None:
+        """Bulk work is over (a burst stored and indexed, a large push
+        ACKed): hand the heap's free pages back (daemon/heap.py), in a
+        worker thread, once; never blocks."""
+        self._release_memory.set()
+
+    async def _memory_releaser(self) -> None:
+        while True:
+            await self._release_memory.wait()
+            self._release_memory = trio.Event()
+            await trio.to_thread.run_sync(heap.trim)
 
     async def _apply_stale_ids(self) -> None:
         """New ids never wait for longer than MAX_INDEX_DELAY."""
@@ -540,6 +553,7 @@ class Node(PeerTable):
                     self._dialing.add(key)
                     nursery.start_soon(self._dial_forever, address, "static")
                 nursery.start_soon(self._apply_stale_ids)
+                nursery.start_soon(self._memory_releaser)
                 await nursery.start(self.text_indexer.run)
                 # What was stored while no daemon ran (a push straight into
                 # the store, an upgrade) is indexed in the background too.

@@ -45,6 +45,10 @@ OBJECTS_BATCH_BYTES = 4 * 1024 * 1024
 # 32 MB of WANTs, handed to the writer as it drains (8 messages at a time)
 # rather than all at once past the session's control backlog.
 WANT_BACKLOG = 1024 * 1024
+# A push of at least this many objects leaves id tables (the request, the
+# order, the unACKed set: ~0.6 KB an id at their peak) worth handing back
+# to the system once the peer has ACKed it all (Node.release_memory_soon).
+BULK_PUSH_OBJECTS = 10_000
 # Objects committed in one transaction at most. What arrived while the last
 # commit ran goes into the next one up to this: a window of small contexts
 # (~100k) is not one transaction's worth of ids, depths and rows held at
@@ -79,6 +83,7 @@ class ObjectTransfer:
         # anything; it asks again itself when it has reconciled.
         self._sync_after_push = False
         self._pushing: dict[int, set[bytes]] = {}  # our push streams -> their unacked ids
+        self._bulk_pushed = False  # a push of BULK_PUSH_OBJECTS or more since the last drain
         # Received OBJECTS for the storer. Not a bounded channel: the reader
         # must never block; their bytes are bounded by our receive window.
         self._received: collections.deque[_Received] = collections.deque()
@@ -132,6 +137,9 @@ class ObjectTransfer:
         if self._sync_after_push and not self._unacked:
             self._sync_after_push = False
             self.resync()
+        if self._bulk_pushed and not self._unacked:
+            self._bulk_pushed = False
+            self.node.release_memory_soon()
 
     # ------------------------------------------------------------ messages from the reader
 
@@ -229,6 +237,7 @@ class ObjectTransfer:
             order = [(cid, length) for cid, length in order if bytes.fromhex(cid) not in skipped]
             if not order:
                 return
+        self._bulk_pushed |= len(order) >= BULK_PUSH_OBJECTS
         batches: list[list[str]] = [[]]
         size = 0
         for cid, length in order:

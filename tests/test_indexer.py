@@ -102,7 +102,7 @@ async def test_settled_runs_after_each_catch_up_never_while_writes_go_on(autojum
     store = FakeStore([256, 7])
     settled: list[tuple[float, int]] = []
 
-    async def note_settled() -> None:
+    def note_settled() -> None:
         settled.append((trio.current_time(), len(store.calls)))
 
     async with trio.open_nursery() as nursery:

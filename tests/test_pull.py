@@ -291,3 +291,28 @@ async def test_ids_stored_while_more_are_on_the_way_enter_the_root_together(tmp_
                 await trio.sleep(0.05)
         assert node.root() not in (empty, four)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_holder_hands_free_heap_back_once_a_bulk_push_is_acked(tmp_path, monkeypatch):
+    import daemon.heap
+    import daemon.indexer
+    import daemon.transfer
+
+    monkeypatch.setattr(daemon.transfer, "BULK_PUSH_OBJECTS", 100)
+    monkeypatch.setattr(daemon.indexer, "QUIET_SECONDS", 600.0)  # only pushes trim here
+    trims: list[int] = []
+    monkeypatch.setattr(daemon.heap, "trim", lambda: trims.append(1) or True)  # in a worker thread
+    async with trio.open_nursery() as nursery:
+        holder = await start_node(nursery, tmp_path, "holder")
+        await holder.add_contexts([context(f"bulk {i}") for i in range(99)])
+        small = await start_node(nursery, tmp_path, "small", peers=[holder.listen_address])
+        await wait_converged([holder, small])
+        await trio.sleep(0.2)
+        assert trims == []  # 99 objects: not a bulk push
+        await holder.add_contexts([context(f"more {i}") for i in range(150)])
+        big = await start_node(nursery, tmp_path, "big", peers=[holder.listen_address])
+        await wait_converged([holder, small, big])
+        with trio.fail_after(5):
+            while not trims:  # the holder's push of 249 to `big`, all ACKed
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
