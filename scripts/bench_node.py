@@ -315,13 +315,14 @@ def time_daemon_sync(root: Path, a: Daemon, a_status: dict, name: str, bound: fl
         b_cpu, a_cpu_end = cpu_seconds(b.proc.pid), cpu_seconds(a.proc.pid)
         b_received = sum(c.get("bytes_received", 0) for c in socket_counters({b.proc.pid}).values())
         settled_after, rss_settled = wait_idle(b)
+        a_rss_settled = a.rss()  # the sender, idle too by then
     finally:
         b.stop()
     assert status["objects"] == a_status["objects"]
     cpu = {"b_main_thread": b_cpu[1], "b_other_threads": b_cpu[0] - b_cpu[1],
            "a_main_thread": a_cpu_end[1] - a_cpu[1], "a_other_threads": (a_cpu_end[0] - a_cpu[0]) - (a_cpu_end[1] - a_cpu[1])}
     return {"seconds": end - start, "api_up_seconds": api_up - start, "rss": rss, "cpu": cpu,
-            "rss_settled": rss_settled, "settled_after_seconds": settled_after,
+            "rss_settled": rss_settled, "settled_after_seconds": settled_after, "a_rss_settled": a_rss_settled,
             "b_tcp_bytes_received": b_received}
 
 
@@ -756,6 +757,7 @@ def bench_transfer(args, root: Path) -> dict:
         "b_settled_after_seconds": round(runs[-1]["settled_after_seconds"], 1),
         "b_hwm_mb": round(runs[-1]["rss"]["VmHWM"], 1),
         "a_hwm_mb": round(a_hwm, 1),
+        "a_rss_mb_settled": round(runs[-1]["a_rss_settled"]["VmRSS"], 1),
         "git_seconds": round(git_s, 3),
         "git_runs": [round(s, 3) for s in git_runs],
         "git_objects_fetched": git_objects,
@@ -816,6 +818,7 @@ def bench_large(args, root: Path) -> dict:
         "b_settled_after_seconds": round(runs[-1]["settled_after_seconds"], 1),
         "b_hwm_mb": round(runs[-1]["rss"]["VmHWM"], 1),
         "a_hwm_mb": round(a_rss["VmHWM"], 1),
+        "a_rss_mb_settled": round(runs[-1]["a_rss_settled"]["VmRSS"], 1),
         "disk_fsync_per_context_mb_per_s": round(total / disk_s / 1e6, 1),
         "disk_fsync_per_16mib_mb_per_s": round(max(1, total // (16 << 20)) * (16 << 20) / disk16_s / 1e6, 1),
         "raw_tcp_seconds": round(raw_s, 4),
