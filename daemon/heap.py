@@ -7,8 +7,10 @@ claims (daemon/fetches.py), message buffers, SQLite's scratch space.
 `trim()` asks glibc to give back every whole free page (`malloc_trim`);
 where there is no such call (musl, macOS) it does nothing. It locks each
 malloc arena while it walks it, for milliseconds, so the node calls it
-from a worker thread after the full-text catch-up that follows a burst of
-writes (daemon/indexer.py): once per burst, never on a hot path.
+from a worker thread (`Node.release_memory_soon`) after the full-text
+catch-up that follows a burst of writes (daemon/indexer.py), and after a
+bulk push is ACKed (daemon/transfer.py): once per burst, never on a hot
+path.
 """
 
 from __future__ import annotations

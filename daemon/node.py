@@ -203,7 +203,7 @@ class Node(PeerTable):
         if self.fetches.owed():
             self.fetches.arrived(ids)
             self._poke_turn()
-        new = [i for i in ids if not self.holds(i)]
+        new = {i for i in ids if not self.holds(i)}  # a set: an id twice in one commit counts once
         now = trio.current_time()
         if not self._pending_ids:
             self._pending_since = now
