@@ -171,14 +171,22 @@ def _encode_updates(updates: Sequence[RefUpdate]) -> list[tuple[_Object, bytes]]
 def _check_encoded(pairs: Sequence[tuple[_Object, bytes]], has,
                    look_up: Callable[[set[str]], None] | None = None) -> _Checked:
     """Check every base and every target is held or earlier in the batch.
-    `look_up`, if given, first sees every base and target that the batch
-    does not bring itself, to find them at once before `has` is asked."""
+    `look_up`, if given, first sees every base and target that no context
+    earlier in the batch provides, to find them at once before `has` is
+    asked about each."""
     contexts, updates, order = [], [], []
     known: set[str] = set()
     oids = [bytes_id(data) for _obj, data in pairs]
     if look_up is not None:
-        inside = set(oids)
-        look_up({ref for obj, _data in pairs if (ref := _needs(obj)) is not None and ref not in inside})
+        earlier: set[str] = set()
+        outside: set[str] = set()
+        for (obj, _data), oid in zip(pairs, oids):
+            ref = _needs(obj)
+            if ref is not None and ref not in earlier:
+                outside.add(ref)
+            if not isinstance(obj, RefUpdate):
+                earlier.add(oid)
+        look_up(outside)
     for (obj, data), oid in zip(pairs, oids):
         if isinstance(obj, RefUpdate):
             if obj.target is not None and obj.target not in known and not has(obj.target):
@@ -546,22 +554,15 @@ class SQLiteContextStore:
         # the table without an update the file holds.
         order: list[str] = []
         added: list[RefUpdate] = []
-        # Depth of each context inserted or looked up in this put: one
-        # SELECT per base outside the put, however many children it has.
+        # Depth of each context inserted in this put or held before it that
+        # one of the put builds on (looked up a chunk of ids at a time):
+        # what is not in it by the time a context needs it is not held.
         depths: dict[str, int] = {}
-
-        def held(context_id: str) -> bool:
-            if context_id in depths:
-                return True
-            depth = self._depth_or_none(context_id)
-            if depth is not None:
-                depths[context_id] = depth
-            return depth is not None
-
         with self._lock:
             with self._transaction():
                 for pairs in batches:
-                    contexts, updates, ids = _check_encoded(pairs, held, functools.partial(self._look_up_depths, depths))
+                    look_up = functools.partial(self._look_up_depths, depths)
+                    contexts, updates, ids = _check_encoded(pairs, depths.__contains__, look_up)
                     if check is not None:
                         check(contexts)  # CheckedContexts: decoded with objects=False
                     self._insert_contexts(contexts, depths)
@@ -573,18 +574,11 @@ class SQLiteContextStore:
 
     def _insert_contexts(self, batch: list[tuple[str, CompressedContext | CheckedContext, bytes]],
                          depths: dict[str, int]) -> None:
-        # _check_encoded saw every base held or earlier in the put: its
-        # depth is in `depths` (held() put it there) or one SELECT away.
+        # _check_encoded saw every base in `depths` (held, or earlier in the put).
         rows = []
         for cid, ctx, data in batch:
             base = ctx.base_hash
-            if base is None:
-                depth = 0
-            else:
-                depth = depths.get(base)
-                if depth is None:
-                    depth = self._depth(base)
-                depth += 1
+            depth = 0 if base is None else depths[base] + 1
             depths[cid] = depth
             index = ctx.index if type(ctx) is CheckedContext else atomindex.build(ctx)
             rows.append((bytes.fromhex(cid), None if base is None else bytes.fromhex(base), depth, data, index))
@@ -604,16 +598,6 @@ class SQLiteContextStore:
         for chunk in _id_chunks([c for c in context_ids if c not in depths]):
             rows = self._db.execute(f"SELECT id, depth FROM contexts WHERE id IN ({_marks(chunk)})", chunk)
             depths.update((oid.hex(), depth) for oid, depth in rows)
-
-    def _depth(self, context_id: str) -> int:
-        depth = self._depth_or_none(context_id)
-        if depth is None:
-            raise NotFound(context_id)
-        return depth
-
-    def _depth_or_none(self, context_id: str) -> int | None:
-        row = self._db.execute("SELECT depth FROM contexts WHERE id = ?", (bytes.fromhex(check_id(context_id)),)).fetchone()
-        return None if row is None else row[0]
 
     def get_bytes(self, context_id: str) -> bytes:
         check_id(context_id, "context id")
