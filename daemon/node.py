@@ -148,13 +148,14 @@ class Node(PeerTable):
         written (receiving is paused, see _watch_store), MissingBase (or its
         MissingTarget) and DecodeError for objects that cannot be stored.
         """
-        return (await self.add_received([blobs]))[0]
+        return [oid.hex() for oid in (await self.add_received([blobs]))[0]]
 
-    async def add_received(self, batches: Sequence[Sequence[bytes]]) -> tuple[list[str], int]:
+    async def add_received(self, batches: Sequence[Sequence[bytes]]) -> tuple[list[bytes], int]:
         """add_encoded of the batches' objects in one transaction, decoded a
         batch at a time (memory for one batch's contexts, not all of them);
-        the ids, and how many of the objects were new here. The batches are
-        read blob by blob, never all at once (see sync/packed.py)."""
+        the ids (32 bytes each, as ACKs carry them), and how many of the
+        objects were new here. The batches are read blob by blob, never all
+        at once (see sync/packed.py)."""
         if len(batches) == 1:
             ids = await self._put(self.store.put_encoded, batches[0])
         else:
@@ -167,7 +168,7 @@ class Node(PeerTable):
         if new_refs:
             # Stored and verified: decoding again is only unpacking.
             self._refs_changed(sorted({refs.decode_update(b, verify=False).name for b in new_refs}))
-        return ids, fresh
+        return stored, fresh
 
     async def add_batches(self, batches: Callable[[], Iterable[Sequence[bytes]]]) -> list[str]:
         """Verify and store contexts written here (no ref updates), read

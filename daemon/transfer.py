@@ -319,7 +319,7 @@ class ObjectTransfer:
         for item in items:
             mine, start = ids[start:start + len(item.objects)], start + len(item.objects)
             await self._release(item.stream_id, item.size)
-            await self.answer(Ack(ids=tuple(bytes.fromhex(i) for i in mine)), item.stream_id)
+            await self.answer(Ack(ids=tuple(mine)), item.stream_id)
             if item.final:
                 self.conn.close_stream(item.stream_id)
         return True
