@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import sys
 from collections.abc import Iterator, Sequence
 from operator import neg
 from typing import Any
@@ -82,11 +81,15 @@ class LiveScan:
     def _walk(self, store: ContextStore, target: CompressedContext | str, threshold: float) -> None:
         # Which atoms later deltas shadow, found with the ids' first 8 bytes
         # (ints made in C, a third of the cost of slicing every id) and
-        # checked on the full id; removals are few and kept whole. At the
-        # first match that is not a removal (a re-add, or two ids sharing
-        # 8 bytes), the walk goes on with the full ids of every delta.
+        # checked on the full id. The prefixes of every delta above go into
+        # one set: a delta whose prefixes all grow it shadows nothing and
+        # repeats none, with no look-up of its own. Removals are few and
+        # kept whole; the prefixes a delta repeats are matched against them.
+        # At the first repeat that is not a removal (a re-add, or two ids
+        # sharing 8 bytes), the walk goes on with the full ids of every delta.
         prefixes_above: set[int] = set()
-        removed_above: set[bytes] = set()
+        removals_above: dict[int, bytes] = {}  # prefix -> removed id
+        removed_above: list[bytes] = []
         exact: set[bytes] | None = None
         for t, (cid, data, blob) in enumerate(lineage_indexed(store, target, with_bytes=False)):
             index = parsed_index(data, blob, store, cid)
@@ -95,22 +98,19 @@ class LiveScan:
             dead: set[int] | None = None
             if exact is None:
                 prefixes = _prefixes(index.ids)
-                matches = prefixes_above.intersection(prefixes)
-                dead = _removed_here(index, prefixes, matches, removed_above) if matches else set()
-                if dead is not None:
-                    # The prefixes are distinct within the delta if all but
-                    # the matched ones are new to the set.
-                    before = len(prefixes_above)
-                    prefixes_above.update(prefixes)
-                    if len(prefixes_above) - before != len(prefixes) - len(matches):
-                        dead = None
-                if dead is None:  # something else matched: from here on, full ids
+                before = len(prefixes_above)
+                prefixes_above.update(prefixes)
+                repeats = len(prefixes) - (len(prefixes_above) - before)
+                dead = _removed_here(index.ids, prefixes, repeats, removals_above) if repeats else set()
+                if dead is None:  # something else repeated: from here on, full ids
                     exact = set(removed_above)
                     for level in self._levels:
                         exact.update(level[2].id_list())
                 else:
-                    prefixes_above.update(_prefixes(index.removed))
-                    removed_above.update(removed)
+                    removed_prefixes = _prefixes(index.removed)
+                    prefixes_above.update(removed_prefixes)
+                    removals_above.update(zip(removed_prefixes, removed))
+                    removed_above += removed
             if exact is not None:
                 ids = index.id_list()
                 # Ids are unique within a delta's index: index() finds the one.
@@ -193,24 +193,25 @@ def _prefixes(ids: bytes) -> list[int]:
     return memoryview(ids).cast("Q")[:: atomindex.ID_BYTES // 8].tolist()
 
 
-def _removed_here(index: AtomIndex, prefixes: list[int], matches: set[int], removed_above: set[bytes]) -> set[int] | None:
-    """Positions of this delta's adds that a later delta removed, given the
-    prefixes that match one above; None if a match is anything else."""
+def _removed_here(ids: bytes, prefixes: list[int], repeats: int, removals_above: dict[int, bytes]) -> set[int] | None:
+    """Positions of a delta's adds that a delta above removed, given how
+    many of its prefixes were in the set already; None if any repeat is
+    not a removal (a re-add, two ids sharing a prefix, or a prefix two
+    removals share: the full ids decide those)."""
+    matches = removals_above.keys() & prefixes
+    if len(matches) != repeats:
+        return None
     dead = set()
-    ids, size = index.ids, atomindex.ID_BYTES
+    size = atomindex.ID_BYTES
     for prefix in matches:
-        # The id starting with these 8 bytes (a C search of the ids, not a
-        # scan of the list): the first hit on an id boundary.
-        needle = prefix.to_bytes(8, sys.byteorder)
-        at = ids.find(needle)
+        # The removed id itself, searched in C over the delta's ids: at an
+        # id boundary, or this delta does not hold it.
+        at = ids.find(removals_above[prefix])
         while at > 0 and at % size:
-            at = ids.find(needle, at + 1)
-        # Not found only for prefixes that are not the ids' first bytes (a
-        # test replaces _prefixes to force collisions): the list knows.
-        j = prefixes.index(prefix) if at < 0 else at // size
-        if ids[j * size : (j + 1) * size] not in removed_above:
+            at = ids.find(removals_above[prefix], at + 1)
+        if at < 0:
             return None
-        dead.add(j)
+        dead.add(at // size)
     return dead
 
 
