@@ -218,45 +218,43 @@ class ObjectTransfer:
             await self._push(ids)
             del ids  # not kept while idle (a bulk request's set)
 
-    async def _push(self, ids: Iterable[bytes]) -> None:
+    async def _push(self, ids: set[bytes]) -> None:
         # The whole set in parents-first order, then bytes one message at a
         # time: a base always travels before its children (and a context
         # before the ref updates that target it), and the sender holds one
-        # message of bytes, not everything it has to send.
-        order = await self.node.run_sync(self.node.store.send_order, [i.hex() for i in ids])
+        # message of bytes, not everything it has to send. The set itself
+        # becomes the stream's unACKed ids (no copy of a bulk request). Asked
+        # in id order, the store's look-ups walk its id index in order
+        # (100k ids: 0.67 s instead of 0.81).
+        order = await self.node.run_sync(self.node.store.send_order, (i.hex() for i in sorted(ids)))
         limit = min(OBJECTS_BATCH_BYTES, self.conn.max_flow_message - 64 * 1024)
-        too_large = [cid for cid, length in order if length + 1024 > limit]
+        too_large = [k for k, length in enumerate(order.sizes) if length + 1024 > limit]
         if too_large:
             # Its window can never take them (a peer may grant as little as
             # 64 KiB): waiting for that credit would stop this pusher for good.
-            self.info.error = f"the peer's window is too small for {len(too_large)} contexts (e.g. {too_large[0][:12]})"
+            self.info.error = (f"the peer's window is too small for {len(too_large)} contexts "
+                               f"(e.g. {order.id_at(too_large[0]).hex()[:12]})")
             _warn.warning(f"{self.info.address}:window", "peer %s: %s", self.info.address, self.info.error)
-            skipped = {bytes.fromhex(cid) for cid in too_large}
+            skipped = {order.id_at(k) for k in too_large}
             self._unacked -= skipped
+            ids -= skipped
             self._push_drained()
-            order = [(cid, length) for cid, length in order if bytes.fromhex(cid) not in skipped]
+            order = order.without(too_large)
             if not order:
                 return
         self._bulk_pushed |= len(order) >= BULK_PUSH_OBJECTS
-        batches: list[list[str]] = [[]]
-        size = 0
-        for cid, length in order:
-            if batches[-1] and (size + length > limit or len(batches[-1]) >= MAX_OBJECTS_PER_MESSAGE):
-                batches.append([])
-                size = 0
-            batches[-1].append(cid)
-            size += length + 40
+        batches = order.batches(limit, MAX_OBJECTS_PER_MESSAGE, overhead=40)
         stream_id = self.conn.open_stream()
-        self._pushing[stream_id] = {bytes.fromhex(cid) for cid, _ in order}
+        self._pushing[stream_id] = ids
         refused = lambda: stream_id not in self._pushing  # noqa: E731  (ERROR on the stream)
         for number, batch in enumerate(batches, 1):
             if refused():
                 break  # send no more of a push the peer refused
-            blobs = await self.node.run_sync(self.node.store.get_many_bytes, batch)
+            blobs = await self.node.run_sync(self.node.store.get_many_bytes, order.hex_ids(batch.start, batch.stop))
             # A version 2 peer derives the ids from the bytes (a fifth of a
             # small context's size less on the wire).
-            ids = () if self.pull else tuple(bytes.fromhex(c) for c in batch)
-            message = Objects(ids=ids, objects=tuple(blobs), final=number == len(batches))
+            message_ids = () if self.pull else tuple(order.ids(batch.start, batch.stop))
+            message = Objects(ids=message_ids, objects=tuple(blobs), final=number == len(batches))
             try:
                 await self.send_flow(message, stream_id, refused=refused)
             except PushRefused:

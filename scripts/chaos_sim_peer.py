@@ -574,16 +574,9 @@ class SimSession:
         """The whole set parents first, cut into messages (the daemon's `_push`)."""
         order = self.node.store.send_order(sorted(i.hex() for i in ids))
         limit = min(OBJECTS_BATCH_BYTES, self.conn.max_flow_message - MESSAGE_SLACK)
-        batches: list[list[str]] = [[]]
-        size = 0
-        for cid, length in order:
-            if batches[-1] and (size + length > limit or len(batches[-1]) >= MAX_OBJECTS_PER_MESSAGE):
-                batches.append([])
-                size = 0
-            batches[-1].append(cid)
-            size += length + OBJECT_OVERHEAD
+        batches = [order.hex_ids(b.start, b.stop) for b in order.batches(limit, MAX_OBJECTS_PER_MESSAGE, OBJECT_OVERHEAD)]
         stream_id = self.conn.open_stream()
-        self.pushing[stream_id] = {bytes.fromhex(cid) for cid, _ in order}
+        self.pushing[stream_id] = set(order.ids())
         return _Push(stream_id, batches)
 
     def _send_batches(self, push: _Push) -> bool:

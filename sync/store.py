@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import itertools
 import sqlite3
+import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Protocol
 from sync import atomindex, fulltext, refstore
 from sync.codec import MAX_CONTEXT_BYTES, DecodeError, bytes_id, decode_context, encode_context
 from sync.model import CompressedContext, check_id
+from sync.packed import SendOrder
 from sync.rawcheck import CheckedContext, check_context_bytes
 from sync.refs import RefTable, RefUpdate, RefValue, decode_update, encode_update, is_ref_update_bytes, verify_update
 
@@ -121,7 +124,7 @@ class ContextStore(Protocol):
     def walk_back(self, context_id: str) -> Iterator[tuple[str, CompressedContext]]: ...
     def walk_back_bytes(self, context_id: str) -> Iterator[tuple[str, bytes]]: ...
     def walk_back_indexed(self, context_id: str, *, with_bytes: bool = True) -> Iterator[tuple[str, bytes | None, bytes]]: ...
-    def send_order(self, object_ids: Sequence[str]) -> list[tuple[str, int]]: ...
+    def send_order(self, object_ids: Iterable[str]) -> SendOrder: ...
     def get_many_bytes(self, object_ids: Sequence[str]) -> list[bytes]: ...
     def ids(self, start: str | None = None) -> Iterator[str]: ...
     def heads(self) -> list[str]: ...
@@ -290,16 +293,15 @@ class InMemoryContextStore:
         for cid, data in self.walk_back_bytes(context_id):
             yield cid, data if with_bytes else None, self._indexes[cid]
 
-    def send_order(self, object_ids: Sequence[str]) -> list[tuple[str, int]]:
-        """(id, encoded size) of the given objects: contexts every base before
-        its children, then ref updates (after every context they may target)."""
+    def send_order(self, object_ids: Iterable[str]) -> SendOrder:
+        """The given objects and their encoded sizes: contexts every base
+        before its children, then ref updates (after every context they may target)."""
         wanted = set(object_ids)
         updates = sorted(i for i in wanted if i in self._updates)
         depth = {cid: len(self.get_lineage(cid)) for cid in wanted if cid not in self._updates}
         contexts = sorted(depth, key=lambda c: (depth[c], c))
-        return [(cid, len(self._objects[cid][1])) for cid in contexts] + [
-            (uid, len(self._updates[uid][1])) for uid in updates
-        ]
+        return SendOrder([(bytes.fromhex(cid), len(self._objects[cid][1])) for cid in contexts]
+                         + [(bytes.fromhex(uid), len(self._updates[uid][1])) for uid in updates])
 
     def get_many_bytes(self, object_ids: Sequence[str]) -> list[bytes]:
         """Canonical bytes of the given objects (either kind), in the given order."""
@@ -424,10 +426,16 @@ def _verified(object_id: str, data: bytes) -> bytes:
     return data
 
 
-def _id_chunks(object_ids: Sequence[str], size: int = 500):
+def _id_chunks(object_ids: Iterable[str], size: int = 500) -> Iterator[list[bytes]]:
     """Ids as blobs, in slices under SQLite's bound-variable limit."""
-    for start in range(0, len(object_ids), size):
-        yield [bytes.fromhex(check_id(c, "object id")) for c in object_ids[start : start + size]]
+    blobs = (bytes.fromhex(check_id(c, "object id")) for c in object_ids)
+    while chunk := list(itertools.islice(blobs, size)):
+        yield chunk
+
+
+# A context's place in a push: depth, id, size (big-endian: bytes order is
+# (depth, id) order, parents first).
+_ORDER_KEY = struct.Struct(">I32sI")
 
 
 def _marks(values: Sequence) -> str:
@@ -677,31 +685,40 @@ class SQLiteContextStore:
             # read (walk_back_bytes); fsck re-verifies their form too.
             yield cid, decode_context(data, verify=False)
 
-    def send_order(self, object_ids: Sequence[str]) -> list[tuple[str, int]]:
-        """(id, encoded size) of the given objects: contexts every base before
-        its children, then ref updates (after every context they may target).
+    def send_order(self, object_ids: Iterable[str]) -> SendOrder:
+        """The given objects and their encoded sizes: contexts every base
+        before its children, then ref updates (after every context they may target).
 
         Sizes, not bytes: a sender reads the bytes one message at a time, so
-        its memory is bounded by a message, not by what it has to send.
+        its memory is bounded by a message, not by what it has to send. A
+        row is one 40-byte key while the order is sorted (~80 bytes an
+        object, where a tuple of depth, id and size took ~190).
         """
-        contexts, updates = [], []
+        contexts: list[bytes] = []  # _ORDER_KEY: sorts as (depth, id)
+        updates: list[tuple[bytes, int]] = []
         for chunk in _id_chunks(object_ids):
             with self._lock:
                 rows = self._db.execute(
                     f"SELECT depth, id, length(data) FROM contexts WHERE id IN ({_marks(chunk)})", chunk
                 ).fetchall()
-                contexts += rows
-                rest = _not_among(chunk, (row[1] for row in rows))
+                found = [row[1] for row in rows]
+                rest = _not_among(chunk, found)
                 if rest:  # ref updates, or not held (objects are mostly contexts)
-                    updates += self._db.execute(
+                    more = self._db.execute(
                         f"SELECT id, length(data) FROM ref_updates WHERE id IN ({_marks(rest)})", rest
                     ).fetchall()
-        if len(contexts) + len(updates) != len(set(object_ids)):
-            found = {r[1].hex() for r in contexts} | {r[0].hex() for r in updates}
-            raise NotFound(next(c for c in object_ids if c not in found), "object")
+                    updates += more
+                    found += [row[0] for row in more]
+            if len(found) != len(set(chunk)):
+                missing = _not_among(chunk, found)
+                raise NotFound(missing[0].hex(), "object")
+            contexts += itertools.starmap(_ORDER_KEY.pack, rows)
+        # An id given twice in different chunks was found twice.
         contexts.sort()
         updates.sort()
-        return [(cid.hex(), size) for _depth, cid, size in contexts] + [(uid.hex(), size) for uid, size in updates]
+        keys = (_ORDER_KEY.unpack(key) for key, _ in itertools.groupby(contexts))
+        return SendOrder(itertools.chain(((cid, size) for _depth, cid, size in keys),
+                                         (row for row, _ in itertools.groupby(updates))))
 
     def get_many_bytes(self, object_ids: Sequence[str]) -> list[bytes]:
         """Canonical bytes of the given objects (either kind), in the given order."""

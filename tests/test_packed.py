@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sync.packed import PackedBlobs
+from sync.packed import PackedBlobs, SendOrder
 
 
 @given(st.lists(st.binary(max_size=300), max_size=60))
@@ -36,3 +36,34 @@ def test_out_of_range_and_non_int_indices_are_refused():
     with pytest.raises(TypeError):
         packed[True]
     assert len(PackedBlobs([])) == 0 and list(PackedBlobs([])) == []
+
+
+def _order(*sizes: int) -> SendOrder:
+    return SendOrder((bytes([k]) * 32, size) for k, size in enumerate(sizes))
+
+
+def test_a_send_order_gives_back_its_ids_and_sizes_in_order():
+    order = _order(5, 0, 70_000)
+    assert len(order) == 3 and list(order.sizes) == [5, 0, 70_000]
+    assert order.ids() == [bytes([k]) * 32 for k in range(3)]
+    assert order.ids(1, 2) == [b"\x01" * 32] and order.hex_ids(2) == ["02" * 32]
+    assert list(order) == [("00" * 32, 5), ("01" * 32, 0), ("02" * 32, 70_000)]
+    assert list(order.without([0, 2])) == [("01" * 32, 0)]
+    assert not SendOrder([]) and list(SendOrder([])) == [] and SendOrder([]).batches(10, 10, 0) == []
+    with pytest.raises(ValueError):
+        SendOrder([(b"short", 1)])
+
+
+@given(st.lists(st.integers(0, 300), max_size=40), st.integers(1, 600), st.integers(1, 5), st.integers(0, 50))
+def test_batches_cover_the_order_in_runs_within_both_bounds(sizes, limit, max_count, overhead):
+    order = _order(*sizes)
+    batches = order.batches(limit, max_count, overhead)
+    assert [k for b in batches for k in b] == list(range(len(sizes)))  # every position once, in order
+    for b in batches:
+        assert 1 <= len(b) <= max_count
+        # Past its first object a batch stays within the limit (the last
+        # object's overhead aside), and the next object would not have fit.
+        assert len(b) == 1 or sum(sizes[k] + overhead for k in b) - overhead <= limit
+    for b, after in zip(batches, batches[1:]):
+        if len(b) < max_count:
+            assert sum(sizes[k] + overhead for k in b) + sizes[after.start] > limit

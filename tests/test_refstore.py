@@ -130,7 +130,7 @@ def test_send_order_puts_every_update_after_the_contexts(store, ctxs):
     updates = [update(r, name="x"), update(b, name="y"), update(a, name="z"), update(None, name="gone")]
     store.put_ref_updates(updates)
     every = [u.id for u in updates] + [b.id, r.id, a.id]
-    order = store.send_order(every)
+    order = list(store.send_order(every))
     assert [i for i, _ in order][:3] == [r.id, a.id, b.id]
     assert sorted(i for i, _ in order[3:]) == sorted(u.id for u in updates)
     sizes = dict(order)
