@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterable
 
 import attrs
 import trio
@@ -115,14 +114,19 @@ class ObjectTransfer:
                 self._claimed.set()
         else:
             # The peer's own reconciler found what we lack; it pushes that.
-            self._send_soon(reconciler.to_send)
+            self._send_soon(set(reconciler.to_send))
 
-    def _send_soon(self, ids: Iterable[bytes]) -> None:
-        """Hand ids to the pusher, but none already sent and not yet ACKed."""
-        fresh = set(ids) - self._unacked
-        if fresh:
-            self._unacked |= fresh
-            self._to_push |= fresh
+    def _send_soon(self, ids: set[bytes]) -> None:
+        """Hand ids to the pusher, but none already sent and not yet ACKed.
+        Takes the set: it becomes the pusher's (a bulk request is one set
+        of its ids for the pusher and one for _unacked, not five)."""
+        ids -= self._unacked
+        if ids:
+            self._unacked |= ids
+            if self._to_push:
+                self._to_push |= ids
+            else:
+                self._to_push = ids
             self._push_wake.set()
 
     def _serving_request(self) -> bool:
