@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 
 import attrs
 import trio
@@ -68,6 +70,27 @@ class _Received:
     ids: tuple[bytes, ...]  # version 1: the ids it gave for its objects
     objects: PackedBlobs  # one buffer while it waits (see sync/packed.py)
     final: bool
+
+
+class _HexIds(AbstractSet[str]):
+    """A set of 32-byte ids as the set of hex ids the store's API takes,
+    without a copy. In id order: the store's look-ups then walk its id
+    index in order (100k ids: 0.67 s instead of 0.81)."""
+
+    def __init__(self, ids: AbstractSet[bytes]) -> None:
+        self._ids = ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __iter__(self) -> Iterator[str]:
+        return (i.hex() for i in sorted(self._ids))
+
+    def __contains__(self, object_id: object) -> bool:
+        try:
+            return bytes.fromhex(object_id) in self._ids  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return False
 
 
 class ObjectTransfer:
@@ -227,10 +250,8 @@ class ObjectTransfer:
         # time: a base always travels before its children (and a context
         # before the ref updates that target it), and the sender holds one
         # message of bytes, not everything it has to send. The set itself
-        # becomes the stream's unACKed ids (no copy of a bulk request). Asked
-        # in id order, the store's look-ups walk its id index in order
-        # (100k ids: 0.67 s instead of 0.81).
-        order = await self.node.run_sync(self.node.store.send_order, (i.hex() for i in sorted(ids)))
+        # becomes the stream's unACKed ids (no copy of a bulk request).
+        order = await self.node.run_sync(self.node.store.send_order, _HexIds(ids))
         limit = min(OBJECTS_BATCH_BYTES, self.conn.max_flow_message - 64 * 1024)
         too_large = [k for k, length in enumerate(order.sizes) if length + 1024 > limit]
         if too_large:

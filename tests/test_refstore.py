@@ -138,6 +138,10 @@ def test_send_order_puts_every_update_after_the_contexts(store, ctxs):
     assert sizes[a.id] == len(encode_context(a))
     with pytest.raises(NotFound):
         store.send_order([updates[0].id, "ab" * 32])
+    # One object of seven: looked up by id rather than read with every row.
+    assert list(store.send_order([updates[1].id])) == [(updates[1].id, len(encode_update(updates[1])))]
+    with pytest.raises(NotFound):
+        store.send_order(["ab" * 32])
 
 
 def test_ids_interleave_both_kinds_in_ascending_order(store):
