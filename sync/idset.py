@@ -376,6 +376,9 @@ class IdSet:
 
         Touches only the paths that change: O(changes x log n); nothing is mutated.
         """
-        adds = sorted({x for x in add if x not in self})
-        removes = sorted({x for x in remove if x in self})
+        if not len(self):  # a newcomer checking what it is about to ask for
+            adds, removes = sorted(set(add)), []
+        else:
+            adds = sorted({x for x in add if x not in self})
+            removes = sorted({x for x in remove if x in self})
         return _hash_with(self._root, 0, adds, removes)

@@ -343,6 +343,8 @@ MALFORMED = {
     "idlist wrong id length": _step([[2, "", b"x" * 31]]),
     "idlist empty": _step([[2, "", b""]]),
     "idlist outside prefix": _step([[2, "0", b"\xff" * 32]]),
+    "idlist's last id outside prefix": _step([[2, "0", b"\x00" * 32 + b"\xff" * 32]]),
+    "idlist's first id outside prefix": _step([[2, "f", b"\x00" * 32 + b"\xff" * 32]]),
     "idlist too long": _step([[2, "", b"".join(bytes([i]) * 32 for i in range(LEAF_MAX + 1))]]),
     "need empty bitmap": _step([[3, "a", b""]]),
     "item too short": _step([[0, "a"]]),
@@ -374,6 +376,7 @@ def test_inconsistent_messages_are_refused():
         ReconcileStep(root=b"\1" * 32, count=3),  # root again
         unasked,
         ReconcileStep(have=(ids[0],)),  # an id bob holds, twice
+        ReconcileStep(have=(b"\7" * 32,)),  # an id bob lacks, twice
         ReconcileStep(),  # nothing, though bob did not say `more`
         ReconcileStep(items=(Need(prefix=ids[0].hex()[:1], bitmap=b"\1"),)),  # a Need bob never asked for
         ReconcileStep(items=(Fingerprint(prefix=ids[0].hex()[:1], count=3, fingerprint=b"f" * 32),)),  # width
