@@ -46,9 +46,10 @@ OBJECTS_BATCH_BYTES = 4 * 1024 * 1024
 # 32 MB of WANTs, handed to the writer as it drains (8 messages at a time)
 # rather than all at once past the session's control backlog.
 WANT_BACKLOG = 1024 * 1024
-# A push of at least this many objects leaves id tables (the request, the
-# order, the unACKed set: ~0.6 KB an id at their peak) worth handing back
-# to the system once the peer has ACKed it all (Node.release_memory_soon).
+# A push of at least this many objects leaves id tables (the request and
+# unACKed sets, the order and its sort: ~270 B an id at their peak) worth
+# handing back to the system once the peer has ACKed it all
+# (Node.release_memory_soon).
 BULK_PUSH_OBJECTS = 10_000
 # Objects committed in one transaction at most. What arrived while the last
 # commit ran goes into the next one up to this: a window of small contexts
