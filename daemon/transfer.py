@@ -89,9 +89,12 @@ class _HexIds(AbstractSet[str]):
 
     def __contains__(self, object_id: object) -> bool:
         try:
-            return bytes.fromhex(object_id) in self._ids  # type: ignore[arg-type]
+            raw = bytes.fromhex(object_id)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             return False
+        # Well-formed ids only: fromhex also takes "AB…" or spaces. (Checked
+        # on a hit only: a full is_id costs more than the look-up.)
+        return raw in self._ids and raw.hex() == object_id
 
 
 class ObjectTransfer:

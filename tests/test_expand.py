@@ -708,13 +708,14 @@ def test_a_row_without_a_usable_atom_index_still_expands(tmp_path):
 
 
 @pytest.mark.parametrize("kind", STORE_KINDS)
-@pytest.mark.parametrize("prefix_bits", [64, 2])
+@pytest.mark.parametrize("prefix_bits", [64, 4, 2])
 @PROPERTY
 @given(chain=chains(min_size=1, max_size=7), threshold=st.sampled_from([0.0, 0.5]), chunk_size=st.integers(1, 4))
 def test_cold_stream_finds_dead_atoms_by_prefix_and_by_full_id(tmp_path_factory, kind, prefix_bits, chain, threshold, chunk_size):
     """The cold scan matches ids on their first 8 bytes and checks the full
     id; with 2-bit "prefixes" nearly every atom collides, which must send
-    it to full ids and still give the expansion's atoms."""
+    it to full ids and still give the expansion's atoms; with 4 bits some
+    repeats meet a removal's prefix without being that removed id."""
     from sync import livescan
 
     real = livescan._prefixes

@@ -325,3 +325,44 @@ async def test_a_holder_hands_free_heap_back_once_a_bulk_push_is_acked(tmp_path,
             while not trims:  # the holder's push of 249 to `big`, all ACKed
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
+
+
+class _SmallWindowNode(Node):
+    """A node that grants peers a 128 KiB stream window: a holder's
+    messages to it carry at most 64 KiB of objects."""
+
+    def hello(self):
+        return attrs.evolve(super().hello(), stream_window=128 * 1024)
+
+
+async def test_a_context_the_peers_window_cannot_take_is_skipped_and_the_rest_arrive(tmp_path):
+    async with trio.open_nursery() as nursery:
+        holder = await start_node(nursery, tmp_path, "holder")
+        big, *small = await holder.add_contexts([context("x" * 100_000), *(context(f"small {i}") for i in range(5))])
+        node = await start_node(nursery, tmp_path, "narrow", peers=[holder.listen_address], node_class=_SmallWindowNode)
+        with trio.fail_after(30):
+            while not all(node.holds(bytes.fromhex(i)) for i in small):
+                await trio.sleep(0.02)
+            while not holder.sessions or not next(iter(holder.sessions.values())).info.error:
+                await trio.sleep(0.02)
+        assert not node.holds(bytes.fromhex(big))
+        (session,) = holder.sessions.values()
+        assert "window is too small" in session.info.error
+        # The skipped context is no longer waited on: no ACK for it ever comes.
+        with trio.fail_after(10):
+            while session._unacked or session._pushing:
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+
+
+def test_the_holders_hex_view_of_a_request_holds_exactly_its_ids():
+    from daemon.transfer import _HexIds
+
+    ids = {bytes([k]) * 32 for k in (3, 1, 2)}
+    view = _HexIds(ids)
+    assert list(view) == sorted(i.hex() for i in ids) and len(view) == 3  # id order: the store's look-ups walk its index
+    assert "01" * 32 in view and "04" * 32 not in view
+    for malformed in ("AB" * 32, " ".join(["01"] * 32), "01" * 31, 1, None, b"\x01" * 32):
+        assert malformed not in view
+    ids.add(b"\xab" * 32)
+    assert "ab" * 32 in view and "AB" * 32 not in view  # a view, not a copy; lowercase only

@@ -124,7 +124,14 @@ def test_an_update_written_under_another_nodes_id_is_refused(store, ctxs):
 # --- the object methods: ids, send_order ------------------------------------------
 
 
-def test_send_order_puts_every_update_after_the_contexts(store, ctxs):
+@pytest.mark.parametrize("scan_min", [1, 10**9], ids=["rows-read", "looked-up"])
+def test_send_order_puts_every_update_after_the_contexts(store, ctxs, monkeypatch, scan_min):
+    """Either way the SQLite store finds the objects (every row read, or
+    ids looked up): contexts parents first, then updates; a missing id is
+    NotFound and a malformed one a ValueError."""
+    from sync import store as store_module
+
+    monkeypatch.setattr(store_module, "_SCAN_MIN", scan_min)
     r, a, b = ctxs
     store.put_many([r, a, b])
     updates = [update(r, name="x"), update(b, name="y"), update(a, name="z"), update(None, name="gone")]
@@ -138,10 +145,9 @@ def test_send_order_puts_every_update_after_the_contexts(store, ctxs):
     assert sizes[a.id] == len(encode_context(a))
     with pytest.raises(NotFound):
         store.send_order([updates[0].id, "ab" * 32])
-    # One object of seven: looked up by id rather than read with every row.
+    with pytest.raises(ValueError):
+        store.send_order([*every, "AB" * 32, "ab" * 32])
     assert list(store.send_order([updates[1].id])) == [(updates[1].id, len(encode_update(updates[1])))]
-    with pytest.raises(NotFound):
-        store.send_order(["ab" * 32])
 
 
 def test_ids_interleave_both_kinds_in_ascending_order(store):
