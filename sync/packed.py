@@ -61,6 +61,21 @@ class PackedBlobs(Sequence[bytes]):
         """The blobs' total length."""
         return len(self._data)
 
+    def parts(self) -> tuple[bytes, array]:
+        """The buffer and the end offsets: what crosses to another process."""
+        return self._data, self._ends
+
+    @classmethod
+    def from_parts(cls, data: bytes, ends: array) -> PackedBlobs:
+        """The blobs whose `parts()` these are (checked to fit the buffer)."""
+        if type(data) is not bytes or type(ends) is not array or ends.typecode != "Q":
+            raise TypeError("PackedBlobs parts are bytes and an array('Q')")
+        if any(a > b for a, b in itertools.pairwise(itertools.chain((0,), ends))) or (ends[-1] if ends else 0) != len(data):
+            raise ValueError("PackedBlobs end offsets must ascend to the buffer's length")
+        blobs = cls(())
+        blobs._data, blobs._ends = data, ends
+        return blobs
+
     def __repr__(self) -> str:
         return f"PackedBlobs({len(self)} blobs, {self.nbytes} bytes)"
 

@@ -115,7 +115,8 @@ class ContextStore(Protocol):
     def put(self, ctx: CompressedContext) -> str: ...
     def put_many(self, contexts: Sequence[CompressedContext]) -> list[str]: ...
     def put_encoded(self, blobs: Sequence[bytes]) -> list[str]: ...
-    def put_encoded_batches(self, batches: Iterable[Sequence[bytes]], check: _Check | None = None) -> list[str]: ...
+    def put_encoded_batches(self, batches: Iterable[Sequence[bytes]], check: _Check | None = None,
+                            checked: Sequence[list | None] | None = None) -> list[str]: ...
     def put_ref_updates(self, updates: Sequence[RefUpdate]) -> list[str]: ...
     def get(self, context_id: str) -> CompressedContext: ...
     def get_bytes(self, context_id: str) -> bytes: ...
@@ -162,6 +163,20 @@ def _decode_batch(blobs: Sequence[bytes], *, objects: bool = True) -> list[tuple
         else:
             out.append((decode(data), data))
     return out
+
+
+def check_blobs(blobs: Sequence[bytes]) -> list[_Object]:
+    """What a store's put checks of canonical bytes from outside, without a
+    store: each blob's CheckedContext or RefUpdate, in order, or DecodeError.
+    Pure, so it may run in another process (daemon/checker.py); its result
+    is `put_encoded_batches`'s `checked`."""
+    return [obj for obj, _data in _decode_batch(blobs, objects=False)]
+
+
+def _paired(objects: list[_Object], blobs: Sequence[bytes]) -> list[tuple[_Object, bytes]]:
+    if len(objects) != len(blobs):
+        raise ValueError(f"{len(objects)} checked objects for {len(blobs)} blobs")
+    return [(obj, bytes(blob)) for obj, blob in zip(objects, blobs)]
 
 
 def _encode_updates(updates: Sequence[RefUpdate]) -> list[tuple[_Object, bytes]]:
@@ -233,12 +248,14 @@ class InMemoryContextStore:
         """Store canonical bytes from outside, verified: the receive path."""
         return self._insert(_check_encoded(_decode_batch(blobs), self.has))
 
-    def put_encoded_batches(self, batches: Iterable[Sequence[bytes]], check: _Check | None = None) -> list[str]:
-        """`put_encoded` of every batch, all or nothing (see the SQLite store)."""
-        checked = _check_encoded(_decode_batch([blob for batch in batches for blob in batch]), self.has)
+    def put_encoded_batches(self, batches: Iterable[Sequence[bytes]], check: _Check | None = None,
+                            checked: Sequence[list | None] | None = None) -> list[str]:
+        """`put_encoded` of every batch, all or nothing (see the SQLite store;
+        this store keeps model objects, so it decodes `checked` batches too)."""
+        result = _check_encoded(_decode_batch([blob for batch in batches for blob in batch]), self.has)
         if check is not None:
-            check([(cid, check_context_bytes(data), data) for cid, _ctx, data in checked[0]])
-        return self._insert(checked)
+            check([(cid, check_context_bytes(data), data) for cid, _ctx, data in result[0]])
+        return self._insert(result)
 
     def put_ref_updates(self, updates: Sequence[RefUpdate]) -> list[str]:
         """Store ref updates made here (by `refs.updates_for_write`), in order."""
@@ -546,7 +563,8 @@ class SQLiteContextStore:
         Contexts and ref updates may come mixed; all or nothing is stored."""
         return self._insert(_decode_batch(blobs, objects=False))
 
-    def put_encoded_batches(self, batches: Iterable[Sequence[bytes]], check: _Check | None = None) -> list[str]:
+    def put_encoded_batches(self, batches: Iterable[Sequence[bytes]], check: _Check | None = None,
+                            checked: Sequence[list | None] | None = None) -> list[str]:
         """`put_encoded` of every batch in one transaction: all or nothing.
 
         For a put too large to decode at once (a whole push through the
@@ -556,9 +574,14 @@ class SQLiteContextStore:
         `check(contexts)`, if given, sees each batch's contexts (id, what
         checking the bytes found, the bytes) before they are inserted
         (reads inside it see the batches before) and refuses the whole put
-        by raising: the rules for contexts written here.
+        by raising: the rules for contexts written here. `checked`, if
+        given, holds for each batch `check_blobs(batch)` made elsewhere (a
+        worker process) or None to check it here.
         """
-        return self._insert_batches((_decode_batch(blobs, objects=False) for blobs in batches), check)
+        if checked is None:
+            return self._insert_batches((_decode_batch(blobs, objects=False) for blobs in batches), check)
+        return self._insert_batches((_decode_batch(blobs, objects=False) if objects is None else _paired(objects, blobs)
+                                     for blobs, objects in zip(batches, checked, strict=True)), check)
 
     def put_ref_updates(self, updates: Sequence[RefUpdate]) -> list[str]:
         """Store ref updates made here (by `refs.updates_for_write`), in order."""

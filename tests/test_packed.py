@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from array import array
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -67,3 +69,15 @@ def test_batches_cover_the_order_in_runs_within_both_bounds(sizes, limit, max_co
     for b, after in zip(batches, batches[1:]):
         if len(b) < max_count:
             assert sum(sizes[k] + overhead for k in b) + sizes[after.start] > limit
+
+
+def test_packed_blobs_cross_as_their_parts_and_refuse_parts_that_do_not_fit():
+    packed = PackedBlobs([b"ab", b"", b"cde"])
+    again = PackedBlobs.from_parts(*packed.parts())
+    assert list(again) == [b"ab", b"", b"cde"] and list(PackedBlobs.from_parts(b"", array("Q"))) == []
+    for data, ends in ((b"abcde", array("Q", [2, 1, 5])), (b"abcde", array("Q", [2, 4])), (b"x", array("Q"))):
+        with pytest.raises(ValueError):
+            PackedBlobs.from_parts(data, ends)
+    for data, ends in ((bytearray(b"ab"), array("Q", [2])), (b"ab", array("I", [2])), (b"ab", [2])):
+        with pytest.raises(TypeError):
+            PackedBlobs.from_parts(data, ends)

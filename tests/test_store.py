@@ -688,3 +688,22 @@ def test_send_order_is_parents_first_once_each_and_names_a_missing_id(store):
         assert all(size == len(encode_context(c)) for (_, size), c in zip(order, part))
         with pytest.raises(NotFound):
             store.send_order([c.id for c in part] + ["ab" * 32])
+
+
+def test_a_batch_checked_elsewhere_is_taken_as_checked_and_must_match_its_blobs(tmp_path):
+    """put_encoded_batches(checked=...): per batch check_blobs' result made
+    elsewhere (the checking worker), or None to check it here."""
+    from sync.store import check_blobs
+
+    chain = linear_chain(6)
+    blobs = [encode_context(c) for c in chain]
+    s = SQLiteContextStore(tmp_path / "s.db")
+    try:
+        with pytest.raises(ValueError):  # a verdict for other blobs: nothing stored
+            s.put_encoded_batches([blobs[:3]], checked=[check_blobs(blobs[:2])])
+        assert len(s) == 0
+        ids = s.put_encoded_batches([blobs[:3], blobs[3:]], checked=[check_blobs(blobs[:3]), None])
+        assert ids == [c.id for c in chain] and list(s.fsck()) == []
+        assert s.get_lineage(chain[-1].id) == [c.id for c in chain]
+    finally:
+        s.close()
