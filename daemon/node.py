@@ -23,6 +23,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from daemon import heap, neterrors
+from daemon.checker import Checker
 from daemon.config import NodeConfig, format_address, listen_scope
 from daemon.fetches import Fetches
 from daemon.indexer import TextIndexer
@@ -100,6 +101,7 @@ class Node(PeerTable):
         # Once a burst is stored and indexed, free heap goes back too.
         self.text_indexer = TextIndexer(lambda: self.run_sync(self.store.index_text_page),
                                         settled=self.release_memory_soon)
+        self.checker = Checker()  # large received messages are checked in a worker process
         self._release_memory = trio.Event()
         self._reconciling = 0
         self._pending_ids: set[bytes] = set()  # stored, not yet in the index (never in it)
@@ -150,13 +152,17 @@ class Node(PeerTable):
         """
         return [oid.hex() for oid in (await self.add_received([blobs]))[0]]
 
-    async def add_received(self, batches: Sequence[Sequence[bytes]]) -> tuple[list[bytes], int]:
+    async def add_received(self, batches: Sequence[Sequence[bytes]],
+                           checked: Sequence[list | None] | None = None) -> tuple[list[bytes], int]:
         """add_encoded of the batches' objects in one transaction, decoded a
         batch at a time (memory for one batch's contexts, not all of them);
         the ids (32 bytes each, as ACKs carry them), and how many of the
         objects were new here. The batches are read blob by blob, never all
-        at once (see sync/packed.py)."""
-        if len(batches) == 1:
+        at once (see sync/packed.py). `checked`: per batch, what the
+        checking worker made of it, or None (daemon/checker.py)."""
+        if checked is not None and any(c is not None for c in checked):
+            ids = await self._put(lambda: self.store.put_encoded_batches(batches, checked=checked))
+        elif len(batches) == 1:
             ids = await self._put(self.store.put_encoded, batches[0])
         else:
             ids = await self._put(self.store.put_encoded_batches, batches)
@@ -555,6 +561,7 @@ class Node(PeerTable):
                     nursery.start_soon(self._dial_forever, address, "static")
                 nursery.start_soon(self._apply_stale_ids)
                 nursery.start_soon(self._memory_releaser)
+                nursery.start_soon(self.checker.run)
                 await nursery.start(self.text_indexer.run)
                 # What was stored while no daemon ran (a push straight into
                 # the store, an upgrade) is indexed in the background too.

@@ -244,6 +244,7 @@ class PeerSession(ObjectTransfer):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._reader, nursery)
+                nursery.start_soon(self._prechecker)
                 nursery.start_soon(self._storer)
                 nursery.start_soon(self._syncer)
                 nursery.start_soon(self._pusher)

@@ -62,7 +62,7 @@ class PushRefused(Exception):
     """The peer refused a push while it waited for credit (never leaves _push)."""
 
 
-@attrs.frozen
+@attrs.define
 class _Received:
     """One received OBJECTS message waiting for the storer."""
 
@@ -71,6 +71,11 @@ class _Received:
     ids: tuple[bytes, ...]  # version 1: the ids it gave for its objects
     objects: PackedBlobs  # one buffer while it waits (see sync/packed.py)
     final: bool
+    # What the checking worker made of it (daemon/checker.py): its objects
+    # checked, the DecodeError the store would raise, or None (the store
+    # thread checks it). Set before `checked_event`.
+    checked: list | DecodeError | None = None
+    checked_event: trio.Event = attrs.Factory(trio.Event)
 
 
 class _HexIds(AbstractSet[str]):
@@ -114,6 +119,9 @@ class ObjectTransfer:
         # must never block; their bytes are bounded by our receive window.
         self._received: collections.deque[_Received] = collections.deque()
         self._received_wake = trio.Event()
+        # The same messages, in order, for the prechecker (the same bound).
+        self._unchecked: collections.deque[_Received] = collections.deque()
+        self._unchecked_wake = trio.Event()
         # Ids the peer lacks, waiting for the pusher. A set, not a bounded
         # channel: a responder's reconciliation ends in the reader, which
         # must never wait (it carries the CREDITs the pusher itself waits
@@ -135,6 +143,7 @@ class ObjectTransfer:
             # What we lack, we ask for: unless another session brings it.
             missing = (i for i in reconciler.to_request if not self.node.holds(i))
             claimed = self.node.fetches.claim(self, missing, trio.current_time())
+            self.node.checker.prepare(len(claimed))  # a worker's start overlaps a large request
             if claimed:
                 self._wants.extend(claimed)
                 self._wants_wake.set()
@@ -175,8 +184,11 @@ class ObjectTransfer:
     # ------------------------------------------------------------ messages from the reader
 
     def _on_objects(self, stream_id: int, size: int, message: Objects) -> None:
-        self._received.append(_Received(stream_id, size, message.ids, PackedBlobs(message.objects), message.final))
+        item = _Received(stream_id, size, message.ids, PackedBlobs(message.objects), message.final)
+        self._received.append(item)
         self._received_wake.set()
+        self._unchecked.append(item)
+        self._unchecked_wake.set()
 
     def _on_ack(self, stream_id: int, message: Ack) -> None:
         self.info.objects_sent += len(message.ids)
@@ -291,16 +303,36 @@ class ObjectTransfer:
             self._tally.sent(len(batch), sum(map(len, blobs)), trio.current_time())
         self.conn.close_stream(stream_id)  # ACKs still arrive; credit for it is moot
 
+    async def _prechecker(self) -> None:
+        """Check each received message in the node's checking worker while
+        the storer commits the ones before it (daemon/checker.py)."""
+        while True:
+            while not self._unchecked:
+                self._unchecked_wake = trio.Event()
+                await self._unchecked_wake.wait()
+            item = self._unchecked.popleft()
+            try:
+                item.checked = await self.node.checker.check(item.objects)
+            except DecodeError as exc:  # what the store would raise for it: the storer refuses the message
+                item.checked = exc
+            except Exception as exc:  # the worker's own trouble: the store thread checks it
+                _warn.warning("checker:error", "checking worker: %s", exc)
+            item.checked_event.set()
+            del item  # an idle prechecker keeps no message alive
+
     async def _storer(self) -> None:
         while True:
             while not self._received:
                 self._received_wake = trio.Event()
                 await self._received_wake.wait()
-            # What arrived while the last commit ran: one transaction, one
-            # fsync (up to COMMIT_MAX_OBJECTS; bounded by our receive window).
+            await self._received[0].checked_event.wait()
+            # What arrived (and was checked) while the last commit ran: one
+            # transaction, one fsync (up to COMMIT_MAX_OBJECTS; bounded by
+            # our receive window).
             arrived = [self._received.popleft()]
             count = len(arrived[0].objects)
-            while self._received and count + len(self._received[0].objects) <= COMMIT_MAX_OBJECTS:
+            while (self._received and self._received[0].checked_event.is_set()
+                   and count + len(self._received[0].objects) <= COMMIT_MAX_OBJECTS):
                 arrived.append(self._received.popleft())
                 count += len(arrived[-1].objects)
             await self._store(arrived)
@@ -332,7 +364,10 @@ class ObjectTransfer:
         ACK each message. False if it failed and not `alone` (nothing is
         stored; the caller stores them one by one to say which failed)."""
         try:
-            ids, fresh = await self.node.add_received([item.objects for item in items])
+            failed = next((item.checked for item in items if isinstance(item.checked, DecodeError)), None)
+            if failed is not None:
+                raise failed
+            ids, fresh = await self.node.add_received([item.objects for item in items], [item.checked for item in items])
         except (StoreError, DecodeError) as exc:
             if not alone:
                 return False

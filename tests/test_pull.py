@@ -174,14 +174,14 @@ async def _slow_first_commit(monkeypatch, node: Node, calls: list[int], poison: 
 
     add = node.add_received
 
-    async def slow(batches):
+    async def slow(batches, checked=None):
         blobs = [blob for batch in batches for blob in batch]
         calls.append(len(blobs))
         if len(calls) == 1:
             await trio.sleep(0.5)
         if poison & {bytes_id(b) for b in blobs}:
             raise StoreError("poisoned")
-        return await add(batches)
+        return await add(batches, checked)
 
     monkeypatch.setattr(node, "add_received", slow)
 
