@@ -17,10 +17,13 @@ a large request (`prepare`: its ~0.5 s start overlaps the request) or on
 the first large message, and stopped after WORKER_IDLE_SECONDS without one
 (and when the node stops). It is a new interpreter running
 daemon/checkworker.py over two pipes (never a fork of a process that runs
-threads; no multiprocessing helper processes). If it dies, takes longer than CHECK_TIMEOUT_SECONDS or the wait for it is
-cancelled, it is killed and that message is checked in the store thread
-as before; a message of fewer than CHECK_MIN_OBJECTS objects always is
-(the round trip would cost more than it saves).
+threads; no multiprocessing helper processes). If it will not start, dies
+or takes longer than CHECK_TIMEOUT_SECONDS (then it is killed), that
+message is checked in the store thread as before, and so is everything
+for WORKER_RETRY_SECONDS. A check the node no longer waits for (its
+session ended) still runs to its end, so the pipe stays in step. A
+message of fewer than CHECK_MIN_OBJECTS objects is always checked in the
+store thread (the round trip would cost more than it saves).
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ WORKER_IDLE_SECONDS = 5.0
 CHECK_TIMEOUT_SECONDS = 60.0
 # How long a stopping worker may take to exit before it is killed.
 STOP_SECONDS = 5.0
+# After a worker fails (will not start, dies, stalls), the store thread
+# checks everything for this long: a broken worker is not respawned for
+# every message.
+WORKER_RETRY_SECONDS = 60.0
 
 
 class _Worker:
@@ -60,11 +67,14 @@ class _Worker:
         node_reads, worker_writes = os.pipe()
         try:
             # Its own interpreter, not a fork of one that runs threads; the
-            # node's import path, so that it checks with the same code.
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            # node's import path, so that it checks with the same code (-P:
+            # not the working directory's packages first).
+            # Its own session: a terminal's Ctrl-C is the node's to handle.
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
             code = f"from daemon.checkworker import serve; serve({worker_reads}, {worker_writes})"
-            self._process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(worker_reads, worker_writes),
-                                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            self._process = subprocess.Popen([sys.executable, "-P", "-c", code], pass_fds=(worker_reads, worker_writes),
+                                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                             start_new_session=True)
         except BaseException:
             os.close(node_writes)
             os.close(node_reads)
@@ -83,8 +93,13 @@ class _Worker:
         self._requests.send(parts)
         return self._replies.recv()
 
+    def kill(self) -> None:
+        """Ends a round trip in progress (its read sees the pipe close)."""
+        self._process.kill()
+
     def stop(self) -> None:
-        """Close its pipe (the worker exits), then wait; kill if it does not."""
+        """Close its pipe (the worker exits), then wait; kill if it does not.
+        Only once no round trip is in progress: the pipe's descriptors close."""
         self._requests.close()
         self._replies.close()
         try:
@@ -95,53 +110,51 @@ class _Worker:
 
 
 class Checker:
-    """The node's checking worker (see the module docs)."""
+    """The node's checking worker (see the module docs). Every use of the
+    worker holds the lock, and a round trip, once begun, is waited for
+    (shielded, bounded by CHECK_TIMEOUT_SECONDS): the pipe never holds a
+    reply that nobody reads, and its descriptors are closed only when no
+    thread reads them."""
 
     def __init__(self) -> None:
         self._worker: _Worker | None = None
-        self._lock = trio.Lock()  # one message at a time through the pipe
+        self._lock = trio.Lock()
         self._last_used = 0.0
+        self._retry_at = 0.0  # after a failure, no worker before this
         self._running = trio.Event()  # a worker exists: run() watches it
         self._wanted = trio.Event()  # prepare(): run() starts one
+
+    def _usable(self) -> bool:
+        return trio.current_time() >= self._retry_at
 
     def prepare(self, coming: int) -> None:
         """`coming` objects were asked for: if that many are worth a worker,
         start it now, so that its start (~0.5 s) does not hold up the first."""
-        if coming >= CHECK_MIN_OBJECTS and self._worker is None:
+        if coming >= CHECK_MIN_OBJECTS and self._worker is None and self._usable():
             self._last_used = trio.current_time()
             self._wanted.set()
 
     async def check(self, blobs: PackedBlobs) -> list | None:
         """The checked objects of `blobs`, or None: check them in the store
-        thread (too few to send, or the worker failed). Raises what the
-        store would for bytes it refuses (DecodeError, naming the first)."""
-        if len(blobs) < CHECK_MIN_OBJECTS:
+        thread (too few to send, or no worker). Raises what the store would
+        for bytes it refuses (DecodeError, naming the first)."""
+        if len(blobs) < CHECK_MIN_OBJECTS or not self._usable():
             return None
         async with self._lock:
-            await self._start()
-            worker = self._worker
-            assert worker is not None
+            self._last_used = trio.current_time()
             try:
-                with trio.fail_after(CHECK_TIMEOUT_SECONDS):
-                    ok, value = await trio.to_thread.run_sync(worker.round_trip, blobs.parts(), abandon_on_cancel=True)
-            except (EOFError, OSError, trio.TooSlowError) as exc:
-                _warn.warning("checker", "the checking worker failed (%s); checking in the store thread", exc.__class__.__name__)
-                await self._stop()
-                return None
-            except BaseException:  # cancelled mid-message: the pipe's next reply would be this one's
+                await self._start()
+                assert self._worker is not None
                 with trio.CancelScope(shield=True):
-                    await self._stop()
-                raise
+                    ok, value = await _round_trip(self._worker, blobs.parts())
+            except Exception as exc:  # would not start, died, or stalled and was killed
+                await self._failed(exc)
+                return None
             finally:
                 self._last_used = trio.current_time()
         if ok:
             return value  # type: ignore[return-value]
         raise value  # type: ignore[misc]
-
-    async def _start(self) -> None:
-        if self._worker is None:
-            self._worker = await trio.to_thread.run_sync(_Worker)
-            self._running.set()
 
     async def run(self) -> None:
         """Start the worker when prepared; stop it once idle for
@@ -152,21 +165,54 @@ class Checker:
                 if self._wanted.is_set():
                     self._wanted = trio.Event()
                     async with self._lock:
-                        await self._start()
+                        try:
+                            await self._start()
+                        except OSError as exc:
+                            await self._failed(exc)
                     continue
                 await trio.sleep_until(self._last_used + WORKER_IDLE_SECONDS)
-                if not self._lock.locked() and trio.current_time() >= self._last_used + WORKER_IDLE_SECONDS:
-                    async with self._lock:
+                async with self._lock:  # a check in progress is waited for, not polled
+                    if self._worker is not None and trio.current_time() >= self._last_used + WORKER_IDLE_SECONDS:
                         await self._stop()
         finally:
             with trio.CancelScope(shield=True):
-                await self._stop()
+                async with self._lock:
+                    await self._stop()
+
+    async def _start(self) -> None:
+        if self._worker is None:
+            self._worker = await trio.to_thread.run_sync(_Worker)
+            self._running.set()
+
+    async def _failed(self, exc: Exception) -> None:
+        _warn.warning("checker", "the checking worker failed (%s: %s); checking in the store thread for %g s",
+                      exc.__class__.__name__, exc, WORKER_RETRY_SECONDS)
+        self._retry_at = trio.current_time() + WORKER_RETRY_SECONDS
+        with trio.CancelScope(shield=True):
+            await self._stop()
 
     async def _stop(self) -> None:
         worker, self._worker = self._worker, None
         self._running = trio.Event()
         if worker is not None:
             await trio.to_thread.run_sync(worker.stop)
+
+
+async def _round_trip(worker: _Worker, parts: tuple) -> tuple[bool, object]:
+    """The worker's reply to one message; after CHECK_TIMEOUT_SECONDS the
+    worker is killed, which ends the wait (EOFError). The thread that waits
+    is never abandoned."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_kill_after, worker, CHECK_TIMEOUT_SECONDS)
+        try:
+            return await trio.to_thread.run_sync(worker.round_trip, parts)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _kill_after(worker: _Worker, seconds: float) -> None:
+    await trio.sleep(seconds)
+    worker.kill()
 
 
 async def _first(*waits) -> None:

@@ -79,17 +79,81 @@ async def test_bytes_the_store_refuses_are_refused_by_the_worker_with_its_words(
     await _with_checker(body)
 
 
-async def test_a_worker_that_dies_is_replaced_and_its_message_checked_in_the_store_thread(small_messages_too):
+async def test_a_worker_that_dies_is_replaced_after_a_pause_and_its_messages_checked_here(small_messages_too,
+                                                                                            monkeypatch):
+    monkeypatch.setattr(checker, "WORKER_RETRY_SECONDS", 0.3)
+
     async def body(c):
         await c.check(_blobs(8))
         first = c._worker
         os.kill(first.pid, signal.SIGKILL)
         first._process.wait()
         assert await c.check(_blobs(8)) is None  # the store thread checks this one
-        assert await c.check(_blobs(8)) == check_blobs(_blobs(8))  # a new worker
-        assert c._worker is not first
+        assert await c.check(_blobs(8)) is None and c._worker is None  # and the next, for a while
+        await trio.sleep(0.3)
+        assert await c.check(_blobs(8)) == check_blobs(_blobs(8))  # then a new worker
 
     assert len(await _with_checker(body)) == 2
+
+
+async def test_a_worker_that_will_not_start_leaves_the_node_running(small_messages_too, monkeypatch):
+    monkeypatch.setattr(checker, "WORKER_RETRY_SECONDS", 0.3)
+    attempts: list[int] = []
+    start = checker._Worker.__init__
+
+    def failing(worker) -> None:
+        attempts.append(1)
+        if len(attempts) <= 2:
+            raise OSError(24, "Too many open files")
+        start(worker)
+
+    monkeypatch.setattr(checker._Worker, "__init__", failing)
+    async with trio.open_nursery() as nursery:
+        c = checker.Checker()
+        nursery.start_soon(c.run)
+        c.prepare(8)  # run() starts it: the failure is logged, run() goes on
+        with trio.fail_after(10):
+            while not attempts:
+                await trio.sleep(0.01)
+        await trio.sleep(0.05)
+        assert await c.check(_blobs(8)) is None and len(attempts) == 1  # not retried at once
+        await trio.sleep(0.3)
+        assert await c.check(_blobs(8)) is None and len(attempts) == 2
+        await trio.sleep(0.3)
+        assert await c.check(_blobs(8)) == check_blobs(_blobs(8)) and len(attempts) == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_check_nobody_waits_for_runs_to_its_end_and_the_pipe_stays_in_step(small_messages_too):
+    async def body(c):
+        await c.check(_blobs(8))
+        pid = c._worker.pid
+        with trio.move_on_after(0.001):  # the session ends mid-check
+            await c.check(_blobs(4000, "abandoned"))
+        theirs = _blobs(9, "next")
+        assert await c.check(theirs) == check_blobs(theirs)  # its own verdict, not the abandoned one's
+        assert c._worker.pid == pid
+
+    assert len(await _with_checker(body)) == 1
+
+
+async def test_the_checker_waits_for_a_long_check_without_spinning(small_messages_too, monkeypatch):
+    monkeypatch.setattr(checker, "WORKER_IDLE_SECONDS", 0.01)
+    laps: list[int] = []
+    first = checker._first
+
+    async def counted(*waits):
+        laps.append(1)
+        await first(*waits)
+
+    monkeypatch.setattr(checker, "_first", counted)
+
+    async def body(c):
+        for _ in range(3):
+            await c.check(_blobs(3000))  # each outlasts the idle time many times over
+
+    await _with_checker(body)
+    assert len(laps) < 30
 
 
 async def test_the_worker_starts_when_prepared_and_stops_once_idle(small_messages_too, monkeypatch):
