@@ -160,12 +160,7 @@ class Node(PeerTable):
         objects were new here. The batches are read blob by blob, never all
         at once (see sync/packed.py). `checked`: per batch, what the
         checking worker made of it, or None (daemon/checker.py)."""
-        if checked is not None and any(c is not None for c in checked):
-            ids = await self._put(lambda: self.store.put_encoded_batches(batches, checked=checked))
-        elif len(batches) == 1:
-            ids = await self._put(self.store.put_encoded, batches[0])
-        else:
-            ids = await self._put(self.store.put_encoded_batches, batches)
+        ids = await self._put(lambda: self.store.put_encoded_batches(batches, checked=checked))
         # Ids come back one per blob, in order: no second hash to tell which are new.
         stored = [bytes.fromhex(i) for i in ids]
         new_refs = [blob for oid, blob in zip(stored, itertools.chain.from_iterable(batches))

@@ -73,9 +73,8 @@ class _Received:
     final: bool
     # What the checking worker made of it (daemon/checker.py): its objects
     # checked, the DecodeError the store would raise, or None (the store
-    # thread checks it). Set before `checked_event`.
+    # thread checks it).
     checked: list | DecodeError | None = None
-    checked_event: trio.Event = attrs.Factory(trio.Event)
 
 
 class _HexIds(AbstractSet[str]):
@@ -115,13 +114,14 @@ class ObjectTransfer:
         self._sync_after_push = False
         self._pushing: dict[int, set[bytes]] = {}  # our push streams -> their unacked ids
         self._bulk_pushed = False  # a push of BULK_PUSH_OBJECTS or more since the last drain
-        # Received OBJECTS for the storer. Not a bounded channel: the reader
-        # must never block; their bytes are bounded by our receive window.
-        self._received: collections.deque[_Received] = collections.deque()
-        self._received_wake = trio.Event()
-        # The same messages, in order, for the prechecker (the same bound).
+        # Received OBJECTS, first for the prechecker, then (checked) for the
+        # storer. Not bounded channels: the reader must never block; their
+        # bytes are bounded by our receive window (credit comes back only
+        # once they are stored).
         self._unchecked: collections.deque[_Received] = collections.deque()
         self._unchecked_wake = trio.Event()
+        self._received: collections.deque[_Received] = collections.deque()
+        self._received_wake = trio.Event()
         # Ids the peer lacks, waiting for the pusher. A set, not a bounded
         # channel: a responder's reconciliation ends in the reader, which
         # must never wait (it carries the CREDITs the pusher itself waits
@@ -184,10 +184,7 @@ class ObjectTransfer:
     # ------------------------------------------------------------ messages from the reader
 
     def _on_objects(self, stream_id: int, size: int, message: Objects) -> None:
-        item = _Received(stream_id, size, message.ids, PackedBlobs(message.objects), message.final)
-        self._received.append(item)
-        self._received_wake.set()
-        self._unchecked.append(item)
+        self._unchecked.append(_Received(stream_id, size, message.ids, PackedBlobs(message.objects), message.final))
         self._unchecked_wake.set()
 
     def _on_ack(self, stream_id: int, message: Ack) -> None:
@@ -317,7 +314,8 @@ class ObjectTransfer:
                 item.checked = exc
             except Exception as exc:  # the worker's own trouble: the store thread checks it
                 _warn.warning("checker:error", "checking worker: %s", exc)
-            item.checked_event.set()
+            self._received.append(item)
+            self._received_wake.set()
             del item  # an idle prechecker keeps no message alive
 
     async def _storer(self) -> None:
@@ -325,14 +323,11 @@ class ObjectTransfer:
             while not self._received:
                 self._received_wake = trio.Event()
                 await self._received_wake.wait()
-            await self._received[0].checked_event.wait()
-            # What arrived (and was checked) while the last commit ran: one
-            # transaction, one fsync (up to COMMIT_MAX_OBJECTS; bounded by
-            # our receive window).
+            # What was checked while the last commit ran: one transaction,
+            # one fsync (up to COMMIT_MAX_OBJECTS; bounded by our receive window).
             arrived = [self._received.popleft()]
             count = len(arrived[0].objects)
-            while (self._received and self._received[0].checked_event.is_set()
-                   and count + len(self._received[0].objects) <= COMMIT_MAX_OBJECTS):
+            while self._received and count + len(self._received[0].objects) <= COMMIT_MAX_OBJECTS:
                 arrived.append(self._received.popleft())
                 count += len(arrived[-1].objects)
             await self._store(arrived)

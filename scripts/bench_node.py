@@ -564,7 +564,7 @@ class Probe:
         self._patch(Node, "run_sync", run_sync)
         self._patch(peer.PeerSession, "_reconciled", reconciled)
         self._patch(store.SQLiteContextStore, "__init__", store_init)
-        self._wrap(store.SQLiteContextStore, "put_encoded", "store: put_encoded")
+        self._wrap(store.SQLiteContextStore, "put_encoded_batches", "store: put_encoded_batches (a received commit)")
         self._wrap(store, "_decode_batch", "store: decode + verify (re-encode) each context")
         self._wrap(store.SQLiteContextStore, "send_order", "store: send_order (plan a push, parents first)")
         self._wrap(store.SQLiteContextStore, "get_many_bytes", "store: get_many_bytes (read objects to push)")

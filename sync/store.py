@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import itertools
+import os
 import sqlite3
 import struct
 import threading
